@@ -2,4 +2,10 @@
 
 from importlib.metadata import version
 
+from .collection import Collection, CollectionError, DatasetCollection
+from .preshuffle import InputError
+from .writer import write_sharded
+
 __version__ = version("annbatch")
+
+__all__ = ["Collection", "CollectionError", "DatasetCollection", "InputError", "write_sharded"]

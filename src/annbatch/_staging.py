@@ -1,0 +1,122 @@
+"""Staging writes so a collection only ever shows complete datasets.
+
+Datasets are written under ``.staging/`` (a key readers skip: only ``dataset_*`` keys are datasets) and
+moved into place when complete. Replacing datasets (appending) first records the planned moves in
+``.staging/journal.json``; the journal is the commit point. On open, an interrupted commit is finished
+and staging left by an interrupted write is removed, so a kill at any moment leaves either the previous
+or the new collection. On a local file system moves are renames; on other stores (object storage) the
+keys are copied, the dataset's own ``zarr.json`` last, then the staging keys are deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import zarr
+from zarr.core.sync import sync
+from zarr.storage import LocalStore
+
+STAGING = ".staging"
+_JOURNAL = f"{STAGING}/journal.json"
+_OLD = f"{STAGING}/_replaced"
+
+
+class Staging:
+    """The staging area of one collection group."""
+
+    def __init__(self, group: zarr.Group):
+        self._group = group
+        self._store = group.store
+        self._prefix = f"{group.path}/" if group.path else ""
+        local = isinstance(self._store, LocalStore)
+        self._root = Path(self._store.root) / group.path if local else None
+
+    def new_group(self, name: str) -> zarr.Group:
+        """A fresh, empty group ``.staging/<name>`` to write a dataset into."""
+        self._remove(f"{STAGING}/{name}")
+        return zarr.open_group(self._store, path=self._prefix + f"{STAGING}/{name}", mode="w")
+
+    def commit(self, names: list[str]) -> None:
+        """Move the staged groups ``names`` into place, replacing groups of the same name."""
+        self._write_journal(names)
+        self._apply_journal(names)
+
+    def recover(self) -> None:
+        """Finish an interrupted commit, then drop whatever else is left in staging."""
+        names = self._read_journal()
+        if names is not None:
+            self._apply_journal(names)
+        self._remove(STAGING)
+
+    def discard(self) -> None:
+        """Drop everything staged (after a failed or cancelled write)."""
+        self._remove(STAGING)
+
+    # -- journal -----------------------------------------------------------------------------------------
+    def _write_journal(self, names: list[str]) -> None:
+        payload = json.dumps({"commit": names}).encode()
+        if self._root is not None:
+            tmp = self._root / f"{_JOURNAL}.tmp"
+            tmp.write_bytes(payload)
+            tmp.replace(self._root / _JOURNAL)  # atomic: the journal exists whole or not at all
+        else:
+            sync(self._store.set(self._prefix + _JOURNAL, _buffer(payload)))
+
+    def _read_journal(self) -> list[str] | None:
+        if self._root is not None:
+            path = self._root / _JOURNAL
+            return json.loads(path.read_bytes())["commit"] if path.exists() else None
+        buf = sync(self._store.get(self._prefix + _JOURNAL, prototype=_prototype()))
+        return None if buf is None else json.loads(buf.to_bytes())["commit"]
+
+    def _apply_journal(self, names: list[str]) -> None:
+        for name in names:
+            staged = f"{STAGING}/{name}"
+            if not self._exists(staged):
+                continue  # already moved by an earlier, interrupted commit
+            if self._exists(name):
+                self._move(name, f"{_OLD}/{name}")
+            self._move(staged, name)
+        self._remove(STAGING)
+
+    # -- store operations ------------------------------------------------------------------------------------
+    def _exists(self, key: str) -> bool:
+        if self._root is not None:
+            return (self._root / key).exists()
+        return sync(self._store.exists(self._prefix + f"{key}/zarr.json"))
+
+    def _move(self, src: str, dst: str) -> None:
+        if self._root is not None:
+            (self._root / dst).parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self._root / dst, ignore_errors=True)
+            (self._root / src).rename(self._root / dst)
+            return
+        sync(self._copy_prefix(self._prefix + src, self._prefix + dst))
+        sync(self._store.delete_dir(self._prefix + src))
+
+    async def _copy_prefix(self, src: str, dst: str) -> None:
+        await self._store.delete_dir(dst)
+        keys = [k async for k in self._store.list_prefix(f"{src}/")]
+        # The group's own zarr.json last: until then the destination is not a complete node.
+        keys.sort(key=lambda k: k == f"{src}/zarr.json")
+        for key in keys:
+            buf = await self._store.get(key, prototype=_prototype())
+            await self._store.set(dst + key[len(src) :], buf)
+
+    def _remove(self, key: str) -> None:
+        if self._root is not None:
+            shutil.rmtree(self._root / key, ignore_errors=True)
+        else:
+            sync(self._store.delete_dir(self._prefix + key))
+
+
+def _prototype():
+    from zarr.core.buffer import default_buffer_prototype
+
+    return default_buffer_prototype()
+
+
+def _buffer(payload: bytes):
+    return _prototype().buffer.from_bytes(payload)

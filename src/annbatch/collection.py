@@ -1,0 +1,300 @@
+"""The collection: a zarr v3 group of preshuffled, sharded AnnData datasets (``dataset_0``, ``dataset_1``, …)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.storage import LocalStore
+
+from ._staging import Staging
+from ._zarr import quiet_listing, zarrs_pipeline
+from .preshuffle import add_adatas as _add_adatas
+from .preshuffle._inputs import InputAnnData, InputLike, LoadAdata, _from_store
+from .writer import CompressorsLike
+
+__all__ = ["Collection", "DatasetCollection", "CollectionError"]
+
+ENCODING = {"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"}
+_DATASET_KEY = re.compile(r"^dataset_(\d+)$")
+
+
+class CollectionError(ValueError):
+    """A path or group cannot be used as a collection; the message says why and what to do."""
+
+
+class Collection:
+    """A preshuffled collection of AnnData datasets stored as sharded zarr v3.
+
+    The on-disk layout is a zarr group with attributes
+    ``{"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"}`` whose children
+    ``dataset_0``, ``dataset_1``, … are complete AnnData zarr stores sharing one var space. Rows were
+    dealt at random across datasets and permuted within each, so any contiguous run of rows is a random
+    sample of the whole collection.
+
+    Parameters
+    ----------
+    path_or_group
+        A path (created if missing, unless ``mode="r"``) or an open :class:`zarr.Group`.
+    mode
+        ``"r"``: read only, must exist; ``"r+"``: must exist; ``"a"``: open or create;
+        ``"w-"``: create, fail if it exists.
+
+    Examples
+    --------
+    >>> coll = annbatch.Collection("cells.zarr")  # doctest: +SKIP
+    >>> coll.add_adatas(["a.h5ad", "b.h5ad"], seed=0)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, path_or_group: str | os.PathLike | zarr.Group, mode: Literal["r", "r+", "a", "w-"] = "a"
+    ):
+        if mode not in ("r", "r+", "a", "w-"):
+            raise ValueError(f"`mode` must be one of 'r', 'r+', 'a', 'w-', got {mode!r}.")
+        self._mode = mode
+        if isinstance(path_or_group, zarr.Group):
+            self._group = path_or_group
+            self._label = str(path_or_group.store_path)
+            self._check_or_init(exists=bool(self._group.attrs) or bool(list(self._group.keys())))
+        else:
+            path = Path(path_or_group)
+            self._label = str(path)
+            exists = path.exists() and any(path.iterdir()) if path.is_dir() else path.exists()
+            if path.exists() and not path.is_dir():
+                raise CollectionError(
+                    f"{str(path)!r} is a file, not a collection folder. Choose another path."
+                )
+            if not exists and mode in ("r", "r+"):
+                raise CollectionError(f"No collection at {str(path)!r}. Create one with mode='a'.")
+            if exists and not (path / "zarr.json").exists():
+                raise CollectionError(
+                    f"{str(path)!r} exists but is not an annbatch collection (no zarr.json). "
+                    "Choose a new or empty path; nothing was changed."
+                )
+            zarr_mode = "r" if mode == "r" else ("a" if exists else "w-")
+            self._group = zarr.open_group(path, mode=zarr_mode, zarr_format=3)
+            self._check_or_init(exists=exists)
+
+    def _check_or_init(self, *, exists: bool) -> None:
+        attrs = dict(self._group.attrs)
+        if exists:
+            if self._mode == "w-":
+                raise CollectionError(f"{self._label!r} already exists; use mode='a' to add to it.")
+            if attrs.get("encoding-type") != ENCODING["encoding-type"]:
+                raise CollectionError(
+                    f"{self._label!r} exists but is not an annbatch collection "
+                    f"(encoding-type {attrs.get('encoding-type')!r}). Choose a new or empty path; nothing was changed."
+                )
+            if self._mode != "r":
+                Staging(self._group).recover()
+        else:
+            self._group.attrs.update(ENCODING)
+
+    # -- structure -------------------------------------------------------------------------------------------
+    @property
+    def group(self) -> zarr.Group:
+        """The collection's root zarr group."""
+        return self._group
+
+    @property
+    def dataset_keys(self) -> list[str]:
+        """Names of the datasets, in order: ``["dataset_0", "dataset_1", …]``."""
+        with quiet_listing():
+            keys = [k for k in self._group.group_keys() if _DATASET_KEY.match(k)]
+        return sorted(keys, key=lambda k: int(_DATASET_KEY.match(k).group(1)))
+
+    def __len__(self) -> int:
+        return len(self.dataset_keys)
+
+    def __iter__(self) -> Iterator[zarr.Group]:
+        """The datasets' zarr groups (each a complete AnnData store), in order."""
+        with zarrs_pipeline():
+            for key in self.dataset_keys:
+                yield zarr.open_group(self._group.store, path=self._child(key), mode="r")
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether the collection has no datasets yet."""
+        return len(self) == 0
+
+    def _child(self, key: str) -> str:
+        return f"{self._group.path}/{key}" if self._group.path else key
+
+    def _dataset_shapes(self) -> list[tuple[int, int]]:
+        shapes = []
+        for g in self:
+            x = g["X"]
+            shapes.append(tuple(x.attrs["shape"]) if isinstance(x, zarr.Group) else tuple(x.shape[:2]))
+        return shapes
+
+    @property
+    def n_obs(self) -> int:
+        """Total number of rows (cells) over all datasets."""
+        return sum(s[0] for s in self._dataset_shapes())
+
+    @property
+    def n_vars(self) -> int:
+        """Number of variables (genes), shared by all datasets."""
+        shapes = self._dataset_shapes()
+        return shapes[0][1] if shapes else 0
+
+    @property
+    def var(self) -> pd.DataFrame:
+        """The shared var DataFrame."""
+        self._require_datasets()
+        return ad.io.read_elem(next(iter(self))["var"])
+
+    def obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Obs of all datasets, concatenated in collection order, reading only the requested columns.
+
+        Parameters
+        ----------
+        columns
+            Columns to read; all columns if ``None``; ``[]`` reads only the index (obs names).
+        """
+        self._require_datasets()
+        frames = []
+        for g in self:
+            obs_group = g["obs"]
+            available = list(obs_group.attrs["column-order"])
+            wanted = available if columns is None else list(columns)
+            missing = [c for c in wanted if c not in available]
+            if missing:
+                raise KeyError(f"obs column(s) {missing} not in the collection; available: {available}.")
+            index = ad.io.read_elem(obs_group[obs_group.attrs["_index"]])
+            frame = pd.DataFrame({c: ad.io.read_elem(obs_group[c]) for c in wanted}, index=pd.Index(index))
+            frames.append(frame)
+        return pd.concat(frames) if len(frames) > 1 else frames[0]
+
+    def _require_datasets(self) -> None:
+        if self.is_empty:
+            raise CollectionError(
+                f"The collection {self._label!r} is empty: add data with `add_adatas` first."
+            )
+
+    def _open_dataset(self, key: str) -> InputAnnData:
+        with zarrs_pipeline():
+            return _from_store(zarr.open_group(self._group.store, path=self._child(key), mode="r"), name=key)
+
+    def _size_on_disk(self) -> int | None:
+        store = self._group.store
+        if not isinstance(store, LocalStore):
+            return None
+        root = Path(store.root) / self._group.path
+        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+    def __repr__(self) -> str:
+        if self.is_empty:
+            return f"Collection({self._label!r}): empty"
+        shapes = self._dataset_shapes()
+        first = next(iter(self))
+        x = first["X"]
+        kind, dtype = ("csr", x["data"].dtype) if isinstance(x, zarr.Group) else ("dense", x.dtype)
+        size = self._size_on_disk()
+        size_txt = f", {_human_bytes(size)} on disk" if size is not None else ""
+        return (
+            f"Collection({self._label!r}): {len(shapes)} datasets, "
+            f"{sum(s[0] for s in shapes):,} obs × {shapes[0][1]:,} vars, X: {kind} {dtype}{size_txt}\n"
+            f"    rows per dataset: {', '.join(f'{s[0]:,}' for s in shapes[:8])}{' …' if len(shapes) > 8 else ''}\n"
+            f"    obs: {', '.join(first['obs'].attrs['column-order'])}"
+        )
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def add_adatas(
+        self,
+        inputs: Sequence[InputLike] | InputLike,
+        *,
+        shuffle: bool = True,
+        seed: int | None = None,
+        rng: np.random.Generator | None = None,
+        dataset_size: str | int = "20GB",
+        shuffle_chunk_size: int = 1000,
+        groupby: Sequence[str] | str | None = None,
+        var_subset: Sequence[str] | None = None,
+        join: Literal["outer", "inner"] = "outer",
+        merge: Literal["same", "first"] | None = None,
+        load_adata: LoadAdata | None = None,
+        memory_limit: str | int | None = None,
+        n_obs_per_chunk: int = 64,
+        shard_size: str | int = "1GB",
+        compressors: CompressorsLike = "auto",
+        progress: bool = True,
+    ) -> Collection:
+        """Convert AnnData inputs into the collection (create on the first call, append afterwards).
+
+        Inputs are read lazily, cut into blocks of ``shuffle_chunk_size`` rows and the blocks dealt at
+        random to output datasets; each dataset's rows are then permuted and written sharded. When the
+        collection already has datasets, the new rows are spread at random across them (each affected
+        dataset is rewritten with its old and new rows permuted together) and new datasets are added only
+        when the existing ones would exceed ``dataset_size``. Everything is validated before anything is
+        written, and datasets become visible only when all are complete.
+
+        Parameters
+        ----------
+        inputs
+            Paths to ``.h5ad`` files or ``.zarr`` AnnData stores, or AnnData objects (in memory or backed).
+        shuffle
+            Deal blocks at random and permute rows. ``False`` keeps the input order.
+        seed, rng
+            Randomness: the same seed gives an identical collection. Give at most one.
+        dataset_size
+            Upper bound on a dataset, as rows (``int``) or in-memory bytes (``"20GB"``).
+        shuffle_chunk_size
+            Rows per block dealt to datasets. Shuffle quality depends on
+            ``rows per dataset / shuffle_chunk_size``: keep it above ~2,000.
+        groupby
+            obs column(s) to sort each dataset's rows by (stably, so order within a value stays random),
+            giving long runs of one value for key-homogeneous sampling.
+        var_subset
+            Keep only these var names (in this order). Ignored when appending: the collection's var is used.
+        join
+            ``"outer"``: union of the inputs' var names (missing values are 0); ``"inner"``: intersection.
+        merge
+            How to combine var columns across inputs: ``None`` (drop them), ``"same"`` (keep columns that
+            agree), ``"first"`` (first non-missing value).
+        load_adata
+            A function ``path -> AnnData`` to open each path yourself (e.g. a backed or lazy AnnData).
+        memory_limit
+            Peak memory to plan for (bytes or a size string); datasets are kept small enough to be built
+            within it (the interpreter and libraries come on top). Defaults to an eighth of the RAM
+            available when the conversion starts.
+        n_obs_per_chunk, shard_size, compressors
+            Storage layout, see :func:`annbatch.write_sharded`.
+        progress
+            Show tqdm progress bars.
+
+        Returns
+        -------
+        The collection itself.
+        """
+        if self._mode == "r":
+            raise CollectionError(
+                f"{self._label!r} is open read-only (mode='r'); open it with mode='a' to add data."
+            )
+        if seed is not None and rng is not None:
+            raise ValueError("Give either `seed` or `rng`, not both.")
+        _add_adatas(
+            self, inputs, shuffle=shuffle, rng=rng if rng is not None else np.random.default_rng(seed),
+            dataset_size=dataset_size, shuffle_chunk_size=shuffle_chunk_size, groupby=groupby,
+            var_subset=var_subset, join=join, merge=merge, load_adata=load_adata, memory_limit=memory_limit,
+            n_obs_per_chunk=n_obs_per_chunk, shard_size=shard_size, compressors=compressors, progress=progress,
+        )  # fmt: skip
+        return self
+
+
+DatasetCollection = Collection
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"  # pragma: no cover

@@ -1,0 +1,9 @@
+"""Samplers: decide which rows to load and how to cut them into mini-batches.
+
+See :class:`annbatch.abc.Sampler` for the interface and how to write your own.
+"""
+
+from annbatch.samplers._distributed import DistributedSampler
+from annbatch.samplers._random import RandomSampler, SequentialSampler
+
+__all__ = ["DistributedSampler", "RandomSampler", "SequentialSampler"]

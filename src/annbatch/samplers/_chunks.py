@@ -1,0 +1,121 @@
+"""Integer arithmetic shared by the chunk-based samplers: row budgets, load grouping, splits."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
+
+    from annbatch.types import LoadRequest
+
+
+def _worker_rows(total: int, chunk_size: int, worker_id: int, num_workers: int) -> int:
+    """Rows of ``total`` that belong to one worker.
+
+    The epoch's ``total`` rows are cut into pieces of ``chunk_size`` (the last may be shorter) and
+    piece ``j`` goes to worker ``j % num_workers``. This depends on sizes only, never on the seed,
+    so every process can compute every worker's (and rank's) share.
+    """
+    n_full, rest = divmod(total, chunk_size)
+    rows = len(range(worker_id, n_full, num_workers)) * chunk_size
+    if rest and n_full % num_workers == worker_id:
+        rows += rest
+    return rows
+
+
+def _n_batches(rows: int, batch_size: int, drop_last: bool) -> int:
+    """Mini-batches cut from ``rows`` rows when partial batches are carried to the end."""
+    n_full, rest = divmod(rows, batch_size)
+    return n_full + int(bool(rest) and not drop_last)
+
+
+def _merge_slices(slices: Sequence[slice]) -> list[slice]:
+    """Join slices that continue each other, so the loader issues fewer, larger reads."""
+    merged: list[slice] = []
+    for s in slices:
+        if merged and merged[-1].stop == s.start:
+            merged[-1] = slice(merged[-1].start, s.stop)
+        else:
+            merged.append(s)
+    return merged
+
+
+def _group_chunks(lengths: np.ndarray, preload_nchunks: int, batch_size: int) -> list[tuple[int, int]]:
+    """Group consecutive chunks into loads of ``preload_nchunks`` chunks.
+
+    A load that would not complete a single batch (possible with short chunks) takes further
+    chunks until it does, so every request but possibly the last yields at least one split.
+    """
+    bounds = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+    n_chunks = len(lengths)
+    groups: list[tuple[int, int]] = []
+    carried = 0
+    i = 0
+    while i < n_chunks:
+        j = min(i + preload_nchunks, n_chunks)
+        if carried + bounds[j] - bounds[i] < batch_size and j < n_chunks:
+            # first chunk end that completes a batch, or the last chunk
+            j = int(np.searchsorted(bounds, bounds[i] + batch_size - carried, side="left"))
+            j = min(j, n_chunks)
+        groups.append((i, j))
+        carried = int(carried + bounds[j] - bounds[i]) % batch_size
+        i = j
+    return groups
+
+
+def _iter_loads(
+    chunks: Sequence[slice],
+    *,
+    batch_size: int,
+    preload_nchunks: int,
+    drop_last: bool,
+    rng: np.random.Generator | None,
+) -> Iterator[LoadRequest]:
+    """Turn one worker's ordered chunks into load requests.
+
+    Parameters
+    ----------
+    chunks
+        Row ranges in the order they should be consumed.
+    batch_size
+        Rows per mini-batch.
+    preload_nchunks
+        Chunks per load.
+    drop_last
+        Whether to drop the final partial batch.
+    rng
+        Permutes each load's rows (carried ones included); ``None`` keeps them in order.
+
+    Yields
+    ------
+    LoadRequest
+        Every request has at least one split.
+    """
+    lengths = np.fromiter((s.stop - s.start for s in chunks), dtype=np.int64, count=len(chunks))
+    groups = _group_chunks(lengths, preload_nchunks, batch_size)
+    if drop_last and groups:
+        i, j = groups[-1]
+        last_rows = int(lengths[i:j].sum())
+        carried_in = (int(lengths.sum()) - last_rows) % batch_size
+        if carried_in + last_rows < batch_size:
+            # the last load would only feed the dropped partial batch: skip reading it at all
+            groups.pop()
+    carried = 0
+    for k, (i, j) in enumerate(groups):
+        is_last = k == len(groups) - 1
+        n_loaded = carried + int(lengths[i:j].sum())
+        order = np.arange(n_loaded, dtype=np.int64) if rng is None else rng.permutation(n_loaded)
+        n_full = n_loaded // batch_size
+        splits = [order[b * batch_size : (b + 1) * batch_size] for b in range(n_full)]
+        rest = order[n_full * batch_size :]
+        request: LoadRequest = {"requests": _merge_slices(chunks[i:j]), "splits": splits}
+        if is_last:
+            if len(rest) and not drop_last:
+                splits.append(rest)
+        elif len(rest):
+            request["carry"] = rest
+        carried = len(rest)
+        yield request

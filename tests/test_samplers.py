@@ -1,0 +1,441 @@
+"""Property tests for the samplers: coverage, disjointness, batch sizes, determinism, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from annbatch.abc import Sampler
+from annbatch.samplers import DistributedSampler, RandomSampler, SequentialSampler
+
+FAST = settings(max_examples=60, deadline=None)
+
+
+def resolve(stream) -> tuple[list[np.ndarray], list[dict]]:
+    """Turn a stream of LoadRequests into batches of global row ids, checking the carry contract."""
+    batches: list[np.ndarray] = []
+    requests = list(stream)
+    carried = np.empty(0, dtype=np.int64)
+    for k, req in enumerate(requests):
+        assert set(req) <= {"requests", "splits", "carry"}
+        assert len(req["splits"]) >= 1, "every request yields at least one batch"
+        rows = req["requests"]
+        if isinstance(rows, np.ndarray):
+            new = rows
+        else:
+            assert all(isinstance(s, slice) and s.step is None and s.start < s.stop for s in rows)
+            new = np.concatenate([np.arange(s.start, s.stop, dtype=np.int64) for s in rows])
+        loaded = np.concatenate([carried, new])
+        parts = [*req["splits"], *([req["carry"]] if "carry" in req else [])]
+        for p in parts:
+            assert p.dtype == np.int64 and p.ndim == 1 and len(p) > 0
+        used = np.concatenate(parts)
+        # each loaded row goes to at most one batch (or the carry)
+        assert len(np.unique(used)) == len(used) and used.min() >= 0 and used.max() < len(loaded)
+        if k < len(requests) - 1:
+            assert len(used) == len(loaded), "non-final requests use every loaded row"
+        else:
+            assert "carry" not in req, "the final request carries nothing"
+        batches.extend(loaded[s] for s in req["splits"])
+        carried = loaded[req["carry"]] if "carry" in req else np.empty(0, dtype=np.int64)
+    return batches, requests
+
+
+def worker_batches(sampler: Sampler, n_obs: int, num_workers: int) -> list[list[np.ndarray]]:
+    out = []
+    for w in range(num_workers):
+        sampler.set_worker(w, num_workers)
+        batches, _ = resolve(sampler.sample(n_obs))
+        assert sampler.n_iters(n_obs) == len(batches)
+        out.append(batches)
+    return out
+
+
+def check_sizes(batches: list[np.ndarray], batch_size: int, drop_last: bool) -> None:
+    for b in batches[:-1]:
+        assert len(b) == batch_size
+    if batches:
+        assert 0 < len(batches[-1]) <= batch_size
+        if drop_last:
+            assert len(batches[-1]) == batch_size
+
+
+def flat(batches: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(batches) if batches else np.empty(0, dtype=np.int64)
+
+
+@st.composite
+def configs(draw, max_n: int = 5000):
+    n_obs = draw(st.integers(1, max_n))
+    chunk_size = draw(st.integers(1, 400))
+    preload = draw(st.integers(1, 8))
+    batch_size = draw(st.integers(1, min(chunk_size * preload, 1024)))
+    start = draw(st.integers(0, n_obs - 1))
+    stop = draw(st.integers(start + 1, n_obs))
+    mask = draw(st.sampled_from([None, slice(start, stop), slice(start, None), slice(None, stop)]))
+    return {
+        "n_obs": n_obs,
+        "batch_size": batch_size,
+        "chunk_size": chunk_size,
+        "preload_nchunks": preload,
+        "mask": mask,
+        "drop_last": draw(st.booleans()),
+        "num_workers": draw(st.integers(1, 4)),
+        "seed": draw(st.integers(0, 2**32)),
+        "shuffle": draw(st.booleans()),
+    }
+
+
+def masked_rows(n_obs: int, mask: slice | None) -> np.ndarray:
+    return np.arange(n_obs)[mask or slice(None)]
+
+
+def make(cfg: dict, **kw) -> RandomSampler:
+    args = {k: v for k, v in cfg.items() if k not in ("n_obs", "num_workers")}
+    return RandomSampler(**{**args, **kw})
+
+
+@FAST
+@given(cfg=configs())
+def test_each_row_once_per_epoch(cfg):
+    n_obs, w, bs = cfg["n_obs"], cfg["num_workers"], cfg["batch_size"]
+    expected = masked_rows(n_obs, cfg["mask"])
+    full = worker_batches(make(cfg, drop_last=False), n_obs, w)
+    all_rows = flat([flat(b) for b in full])
+    assert np.array_equal(np.sort(all_rows), expected)
+    for batches in full:
+        check_sizes(batches, bs, drop_last=False)
+    # drop_last only removes each worker's final partial batch; everything before is identical
+    dropped = worker_batches(make(cfg, drop_last=True), n_obs, w)
+    missing = 0
+    for b_full, b_drop in zip(full, dropped, strict=True):
+        check_sizes(b_drop, bs, drop_last=True)
+        keep = b_full if not b_full or len(b_full[-1]) == bs else b_full[:-1]
+        assert len(b_drop) == len(keep)
+        assert all(np.array_equal(x, y) for x, y in zip(b_drop, keep, strict=True))
+        missing_here = sum(map(len, b_full)) - sum(map(len, b_drop))
+        assert missing_here < bs
+        missing += missing_here
+    dropped_rows = flat([flat(b) for b in dropped])
+    assert len(np.unique(dropped_rows)) == len(dropped_rows) == len(expected) - missing
+
+
+@FAST
+@given(cfg=configs())
+def test_workers_disjoint_and_counts_seed_independent(cfg):
+    n_obs, w = cfg["n_obs"], cfg["num_workers"]
+    per_worker = [flat(b) for b in worker_batches(make(cfg), n_obs, w)]
+    for i in range(w):
+        for j in range(i + 1, w):
+            assert not np.intersect1d(per_worker[i], per_worker[j]).size
+    # how many rows (and batches) each worker gets does not depend on the seed
+    other = make(cfg, seed=cfg["seed"] + 1)
+    for i in range(w):
+        other.set_worker(i, w)
+        assert sum(1 for r in other.sample(n_obs) for _ in r["splits"]) == other.n_iters(n_obs)
+        assert len(flat(resolve(other.sample(n_obs))[0])) == len(per_worker[i])
+
+
+@FAST
+@given(cfg=configs(), world=st.integers(1, 4), equal=st.booleans())
+def test_distributed_shards(cfg, world, equal):
+    n_obs, w, bs = cfg["n_obs"], cfg["num_workers"], cfg["batch_size"]
+    expected = masked_rows(n_obs, cfg["mask"])
+    if len(expected) < world:
+        with pytest.raises(ValueError, match="world_size"):
+            DistributedSampler(make(cfg), rank=0, world_size=world).validate(n_obs)
+        return
+    counts, rows_by_rank = [], []
+    for rank in range(world):
+        user = make(cfg)
+        ds = DistributedSampler(user, rank=rank, world_size=world, equal_batches=equal)
+        ds.set_epoch(1)
+        assert user.epoch == 1 and user.mask == cfg["mask"], "wrapped sampler keeps its mask"
+        per_worker = worker_batches(ds, n_obs, w)
+        for batches in per_worker:
+            check_sizes(batches, bs, cfg["drop_last"])
+        counts.append(sum(map(len, per_worker)))
+        rows = flat([flat(b) for b in per_worker])
+        assert len(np.unique(rows)) == len(rows)
+        # contiguous shard of the masked rows
+        n = len(expected)
+        shard = expected[rank * n // world : (rank + 1) * n // world]
+        assert np.isin(rows, shard).all()
+        if not equal and not cfg["drop_last"]:
+            assert np.array_equal(np.sort(rows), shard)
+        rows_by_rank.append(rows)
+    if equal:
+        assert len(set(counts)) == 1
+    all_rows = np.concatenate(rows_by_rank)
+    assert len(np.unique(all_rows)) == len(all_rows)
+
+
+@FAST
+@given(cfg=configs(max_n=2000), epoch=st.integers(0, 50))
+def test_deterministic_per_seed_and_epoch(cfg, epoch):
+    n_obs, w = cfg["n_obs"], cfg["num_workers"]
+    a, b = make(cfg), make(cfg)
+    a.set_epoch(epoch)
+    b.set_epoch(epoch)
+    ba, bb = worker_batches(a, n_obs, w), worker_batches(b, n_obs, w)
+    assert all(
+        np.array_equal(x, y) for xs, ys in zip(ba, bb, strict=True) for x, y in zip(xs, ys, strict=True)
+    )
+    # rng given: the base seed is drawn once, so two generators with the same seed agree
+    args = {k: v for k, v in cfg.items() if k != "seed"}
+    c = make(args, rng=np.random.default_rng(0))
+    d = make(args, rng=np.random.default_rng(0))
+    assert c.seed == d.seed
+    c.set_epoch(epoch)
+    d.set_epoch(epoch)
+    assert all(
+        np.array_equal(x, y)
+        for xs, ys in zip(worker_batches(c, n_obs, w), worker_batches(d, n_obs, w), strict=True)
+        for x, y in zip(xs, ys, strict=True)
+    )
+
+
+def test_new_epoch_new_order_and_repeatable():
+    s = RandomSampler(64, 32, 4, seed=3)
+    by_epoch = {}
+    for epoch in (0, 1, 2, 0, 1):
+        s.set_epoch(epoch)
+        batches, _ = resolve(s.sample(10_000))
+        order = flat(batches)
+        assert np.array_equal(np.sort(order), np.arange(10_000))
+        if epoch in by_epoch:
+            assert np.array_equal(by_epoch[epoch], order)
+        by_epoch[epoch] = order
+    assert not np.array_equal(by_epoch[0], by_epoch[1])
+    assert not np.array_equal(by_epoch[1], by_epoch[2])
+    # and different seeds differ
+    other, _ = resolve(RandomSampler(64, 32, 4, seed=4).sample(10_000))
+    assert not np.array_equal(flat(other), by_epoch[0])
+
+
+def test_unseeded_samplers_differ_but_are_stable():
+    a, b = RandomSampler(16, 8, 4), RandomSampler(16, 8, 4)
+    assert a.seed != b.seed
+    assert np.array_equal(flat(resolve(a.sample(5000))[0]), flat(resolve(a.sample(5000))[0]))
+
+
+def test_shuffle_really_shuffles_within_loads():
+    batches, requests = resolve(RandomSampler(100, 50, 4, seed=0).sample(1000))
+    # chunk order is permuted
+    starts = [s.start for r in requests for s in r["requests"]]
+    assert starts != sorted(starts)
+    # rows within a batch are not one contiguous run
+    assert not all(np.array_equal(np.sort(b), np.arange(b.min(), b.min() + len(b))) for b in batches)
+
+
+def test_global_random_state_untouched():
+    import torch
+
+    np.random.seed(1)
+    torch.manual_seed(1)
+    state = np.random.get_state()
+    torch_state = torch.random.get_rng_state()
+    first = flat(resolve(RandomSampler(32, 16, 4, seed=7, replacement=True).sample(3000))[0])
+    first_nr = flat(resolve(RandomSampler(32, 16, 4, seed=7).sample(3000))[0])
+    after = np.random.get_state()
+    assert after[0] == state[0] and np.array_equal(after[1], state[1]) and after[2:] == state[2:]
+    assert torch.equal(torch_state, torch.random.get_rng_state())
+    np.random.seed(2)
+    torch.manual_seed(2)
+    assert np.array_equal(
+        first, flat(resolve(RandomSampler(32, 16, 4, seed=7, replacement=True).sample(3000))[0])
+    )
+    assert np.array_equal(first_nr, flat(resolve(RandomSampler(32, 16, 4, seed=7).sample(3000))[0]))
+
+
+@FAST
+@given(cfg=configs(), num_samples=st.integers(1, 12_000), replacement=st.booleans())
+def test_num_samples(cfg, num_samples, replacement):
+    n_obs, w = cfg["n_obs"], cfg["num_workers"]
+    expected = masked_rows(n_obs, cfg["mask"])
+    cfg = {**cfg, "shuffle": cfg["shuffle"] or replacement}
+    if not replacement and num_samples > len(expected):
+        with pytest.raises(ValueError, match="num_samples"):
+            make(cfg, num_samples=num_samples).validate(n_obs)
+        return
+    s = make(cfg, num_samples=num_samples, replacement=replacement, drop_last=False)
+    per_worker = worker_batches(s, n_obs, w)
+    for batches in per_worker:
+        check_sizes(batches, cfg["batch_size"], drop_last=False)
+    rows = flat([flat(b) for b in per_worker])
+    assert len(rows) == num_samples
+    assert np.isin(rows, expected).all()
+    if not replacement:
+        assert len(np.unique(rows)) == num_samples
+        if not cfg["shuffle"] and w == 1:
+            assert np.array_equal(rows, expected[:num_samples])
+
+
+def test_replacement_repeats_rows():
+    s = RandomSampler(10, 5, 2, replacement=True, num_samples=500, seed=0)
+    rows = flat(resolve(s.sample(50))[0])
+    assert len(rows) == 500 and np.array_equal(np.unique(rows), np.arange(50))
+
+
+@FAST
+@given(cfg=configs())
+def test_sequential_in_order(cfg):
+    n_obs, w = cfg["n_obs"], cfg["num_workers"]
+    s = SequentialSampler(
+        cfg["batch_size"], cfg["chunk_size"], cfg["preload_nchunks"], mask=cfg["mask"], drop_last=False
+    )
+    assert not s.shuffle
+    per_worker = worker_batches(s, n_obs, w)
+    for batches in per_worker:
+        rows = flat(batches)
+        assert np.all(np.diff(rows) > 0)
+    expected = masked_rows(n_obs, cfg["mask"])
+    if w == 1:
+        assert np.array_equal(flat(per_worker[0]), expected)
+        _, requests = resolve(s.sample(n_obs))
+        # contiguous chunks of a load are merged into one read
+        assert all(len(r["requests"]) == 1 for r in requests)
+    assert np.array_equal(np.sort(flat([flat(b) for b in per_worker])), expected)
+    # RandomSampler(shuffle=False) is the same thing
+    s.set_worker(0, 1)
+    same = make(cfg, shuffle=False, drop_last=False)
+    assert np.array_equal(flat(resolve(same.sample(n_obs))[0]), flat(resolve(s.sample(n_obs))[0]))
+
+
+def test_load_size_bounded():
+    s = RandomSampler(100, 30, 4, seed=1)
+    _, requests = resolve(s.sample(9_999))
+    carried = 0
+    for r in requests:
+        new = sum(x.stop - x.start for x in r["requests"])
+        assert carried + new <= s.max_load_rows
+        carried = len(r.get("carry", []))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"preload_nchunks": 0}, "preload_nchunks"),
+        ({"batch_size": 1.5}, "batch_size"),
+        (
+            {"batch_size": 100, "chunk_size": 10, "preload_nchunks": 2},
+            "increase preload_nchunks or chunk_size",
+        ),
+        ({"mask": slice(0, 10, 2)}, "mask"),
+        ({"mask": slice(-5, None)}, "mask"),
+        ({"mask": slice(5, 5)}, "mask"),
+        ({"mask": [1, 2]}, "mask"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1, "rng": np.random.default_rng(0)}, "seed or rng"),
+        ({"replacement": True, "shuffle": False}, "shuffle"),
+    ],
+)
+def test_construction_errors(kwargs, match):
+    args = {"batch_size": 4, "chunk_size": 4, "preload_nchunks": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        RandomSampler(**args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "n_obs", "match"),
+    [
+        ({}, 0, "n_obs"),
+        ({"mask": slice(0, 200)}, 100, "mask"),
+        ({"mask": slice(150, None)}, 100, "mask"),
+        ({"mask": slice(100, None)}, 100, "mask"),
+        ({"num_samples": 101}, 100, "num_samples"),
+        ({"num_samples": 11, "mask": slice(0, 10)}, 100, "num_samples"),
+    ],
+)
+def test_validate_errors(kwargs, n_obs, match):
+    s = RandomSampler(4, 4, 2, seed=0, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        s.validate(n_obs)
+    with pytest.raises(ValueError, match=match):
+        next(iter(s.sample(n_obs)))
+    with pytest.raises(ValueError, match=match):
+        s.n_iters(n_obs)
+
+
+def test_epoch_worker_errors():
+    s = RandomSampler(4, 4, 2, seed=0)
+    with pytest.raises(ValueError, match="epoch"):
+        s.set_epoch(-1)
+    with pytest.raises(ValueError, match="worker_id"):
+        s.set_worker(2, 2)
+    with pytest.raises(ValueError, match="num_workers"):
+        s.set_worker(0, 0)
+
+
+def test_distributed_rank_resolution():
+    inner = RandomSampler(4, 4, 2, seed=0)
+    assert DistributedSampler(inner, rank=1, world_size=3).rank_world() == (1, 3)
+    assert DistributedSampler(inner, get_rank_world=lambda: (2, 4)).rank_world() == (2, 4)
+    assert DistributedSampler(inner, rank=0, get_rank_world=lambda: (2, 4)).rank_world() == (0, 4)
+    # no initialised torch.distributed and no jax: a single process
+    assert DistributedSampler(inner).rank_world() == (0, 1)
+    with pytest.raises(ValueError, match="rank"):
+        DistributedSampler(inner, rank=3, world_size=3)
+    with pytest.raises(ValueError, match="world_size"):
+        DistributedSampler(inner, rank=0, world_size=0)
+    with pytest.raises(TypeError, match="sampler"):
+        DistributedSampler(object())  # type: ignore[arg-type]
+    ds = DistributedSampler(inner, rank=1, world_size=2)
+    ds.set_worker(1, 2)
+    assert (inner.worker_id, inner.num_workers) == (1, 2)
+    assert ds.batch_size == 4 and ds.shuffle
+
+
+def test_distributed_without_torch():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["torch"] = None  # make `import torch` fail
+        from annbatch.samplers import DistributedSampler, RandomSampler
+        ds = DistributedSampler(RandomSampler(4, 4, 2, seed=0))
+        assert ds.rank_world() == (0, 1)
+        assert sum(len(r["splits"]) for r in ds.sample(10)) == ds.n_iters(10) == 3
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_distributed_num_samples_shared():
+    n_obs, world = 1000, 3
+    rows = []
+    for rank in range(world):
+        inner = RandomSampler(7, 5, 3, num_samples=301, seed=0)
+        ds = DistributedSampler(inner, rank=rank, world_size=world, equal_batches=False)
+        rows.append(flat(resolve(ds.sample(n_obs))[0]))
+    assert sum(map(len, rows)) == 301
+    assert len(np.unique(np.concatenate(rows))) == 301
+
+
+def test_docstring_example_sampler():
+    # the example is the docstring's last block
+    src = textwrap.dedent(Sampler.__doc__.split(".. code-block:: python\n")[1])
+    ns: dict = {}
+    exec(src, ns)
+    s = ns["RangeSampler"]([(0, 3), (5, 9), (9, 10)])
+    s.set_worker(1, 2)
+    assert s.n_iters(10) == 1
+    batches, _ = resolve(s.sample(10))
+    assert [b.tolist() for b in batches] == [[5, 6, 7, 8]]
+    with pytest.raises(ValueError, match="ranges"):
+        s.validate(5)
+
+
+def test_load_request_keys():
+    from annbatch.types import LoadRequest
+
+    assert LoadRequest.__required_keys__ == {"requests", "splits"}
+    assert LoadRequest.__optional_keys__ == {"carry"}
