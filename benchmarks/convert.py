@@ -24,13 +24,17 @@ from pathlib import Path
 DATA = Path(__file__).parent / "data"
 
 _CHILD = """
-import json, resource, sys, time
+def peak_rss_gib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+import json, sys, time
 import annbatch
 paths, out = json.loads(sys.argv[1]), sys.argv[2]
 start = time.perf_counter()
 annbatch.Collection(out).add_adatas(paths, seed=0, progress=False)
 wall = time.perf_counter() - start
-print(json.dumps({"wall_s": wall, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+print(json.dumps({"wall_s": wall, "peak_rss_gib": peak_rss_gib()}))
 """
 
 

@@ -87,6 +87,19 @@ def _demo(args: argparse.Namespace) -> None:
     obs = coll.obs(["src_path", "donor", "cell_type"])
     print("\nFirst rows (rows from all inputs are interleaved, sorted by donor within each dataset):")
     print(obs.head().to_string())
+    loader = coll.loader(
+        batch_size=1024, chunk_size=256, preload_nchunks=16, seed=args.seed, obs_columns=["cell_type"]
+    )
+    start, n, first = time.perf_counter(), 0, None
+    for batch in loader:
+        first = batch if first is None else first
+        n += batch["X"].shape[0]
+    rate = n / (time.perf_counter() - start)
+    print(f"\nOne shuffled epoch: {len(loader)} batches, {n:,} cells, {rate:,.0f} cells/s")
+    print(
+        f"First batch: X {type(first['X']).__name__} {first['X'].shape}, "
+        f"cell types {first['obs']['cell_type'].value_counts().head(3).to_dict()}"
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,11 +14,14 @@ import pandas as pd
 import zarr
 from zarr.storage import LocalStore
 
-from ._staging import Staging
-from ._zarr import quiet_listing, zarrs_pipeline
-from .preshuffle import add_adatas as _add_adatas
-from .preshuffle._inputs import InputAnnData, InputLike, LoadAdata, _from_store
-from .writer import CompressorsLike
+from annbatch._convert import Target
+from annbatch._staging import Staging
+from annbatch._zarr import quiet_listing, zarrs_pipeline
+from annbatch.abc import Sampler
+from annbatch.loader import Loader
+from annbatch.preshuffle import add_adatas as _add_adatas
+from annbatch.preshuffle._inputs import InputAnnData, InputLike, LoadAdata, _from_store
+from annbatch.writer import CompressorsLike
 
 __all__ = ["Collection", "DatasetCollection", "CollectionError"]
 
@@ -287,6 +290,37 @@ class Collection:
             n_obs_per_chunk=n_obs_per_chunk, shard_size=shard_size, compressors=compressors, progress=progress,
         )  # fmt: skip
         return self
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def loader(
+        self,
+        batch_size: int = 4096,
+        chunk_size: int = 256,
+        preload_nchunks: int = 32,
+        *,
+        shuffle: bool = True,
+        seed: int | None = None,
+        rng: np.random.Generator | None = None,
+        obs_columns: Sequence[str] | None = None,
+        return_index: bool = False,
+        drop_last: bool = False,
+        to: Target = None,
+        sampler: Sampler | None = None,
+        prefetch: int = 2,
+        layer: str | None = None,
+    ) -> Loader:
+        """A :class:`~annbatch.Loader` over this collection's ``X`` (or ``layers[layer]``).
+
+        Reads ``preload_nchunks`` random runs of ``chunk_size`` contiguous rows at once, shuffles them in
+        memory and yields mini-batches of ``batch_size`` rows; see :class:`~annbatch.Loader` for the
+        parameters. ``sampler`` replaces the default :class:`~annbatch.samplers.RandomSampler`.
+        """
+        loader = Loader(
+            batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks, shuffle=shuffle,
+            drop_last=drop_last, seed=seed, rng=rng, return_index=return_index, to=to, batch_sampler=sampler,
+            obs_columns=obs_columns, prefetch=prefetch,
+        )  # fmt: skip
+        return loader.use_collection(self, layer=layer)
 
 
 DatasetCollection = Collection

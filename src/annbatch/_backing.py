@@ -1,0 +1,94 @@
+"""Backing data a loader reads from: one row-aligned matrix per dataset, CSR or dense.
+
+A backing knows its shape and dtype and can read a contiguous run of rows into a caller's buffer.
+Sources: zarr arrays (a collection's datasets or any zarr AnnData), in-memory numpy / scipy CSR, and
+backed (h5py) AnnData. Reads from zarr go through zarr's async API so all ranges of a load are decoded
+concurrently (by zarrs' Rust threads when the zarrs pipeline is active).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anndata as ad
+import h5py
+import numpy as np
+import scipy.sparse as sp
+import zarr
+
+from annbatch._zarr import zarrs_pipeline
+
+
+class BackingError(ValueError):
+    """Data that a loader cannot read; the message says what to do."""
+
+
+@dataclass
+class Backing:
+    """One dataset's matrix: ``kind`` CSR (``data``/``indices``/``indptr``) or dense (``array``)."""
+
+    kind: Literal["csr", "dense"]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    array: Any = None  # dense: numpy, zarr.Array or h5py.Dataset
+    data: Any = None  # csr: values
+    indices: Any = None  # csr: column indices (any integer dtype)
+    indptr: np.ndarray | None = None  # csr: row pointers, always in memory (int64)
+
+    @property
+    def n_obs(self) -> int:
+        """Number of rows."""
+        return self.shape[0]
+
+    @property
+    def index_dtype(self) -> np.dtype:
+        """Dtype of the stored column indices (CSR only)."""
+        return np.dtype(self.indices.dtype)
+
+
+def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str) -> Backing:
+    """A backing for an AnnData element stored in zarr (``X`` or a layer): CSR group or dense array."""
+    with zarrs_pipeline():  # arrays pick their codec pipeline when opened
+        if isinstance(elem, zarr.Array):
+            return Backing("dense", tuple(elem.shape), np.dtype(elem.dtype), array=_reopen(elem))
+        encoding = elem.attrs.get("encoding-type")
+        if encoding != "csr_matrix":
+            raise BackingError(
+                f"{name} is stored as {encoding!r}; the loader reads CSR or dense arrays. "
+                "Convert it with `annbatch.Collection(...).add_adatas` (which writes CSR)."
+            )
+        shape = tuple(int(x) for x in elem.attrs["shape"])
+        data, indices = _reopen(elem["data"]), _reopen(elem["indices"])
+        indptr = np.asarray(elem["indptr"][...], dtype=np.int64)
+        return Backing("csr", shape, np.dtype(data.dtype), data=data, indices=indices, indptr=indptr)
+
+
+def _reopen(arr: zarr.Array) -> zarr.Array:
+    # An array opened before the zarrs pipeline was set keeps zarr-python's pipeline: open it again.
+    return zarr.open_array(arr.store, path=arr.path, mode="r")
+
+
+def backing_from_memory(value: Any, *, name: str) -> Backing:
+    """A backing for an in-memory or backed matrix: numpy, scipy CSR, h5py dataset, backed CSR."""
+    if sp.issparse(value):
+        if value.format != "csr":
+            raise BackingError(f"{name} is {value.format.upper()}; pass CSR (`.tocsr()`) or dense data.")
+        return Backing("csr", tuple(value.shape), np.dtype(value.dtype), data=value.data, indices=value.indices,
+                       indptr=np.asarray(value.indptr, dtype=np.int64))  # fmt: skip
+    if isinstance(value, ad.abc.CSRDataset):
+        group = value.group
+        if isinstance(group, h5py.Group):
+            return Backing("csr", tuple(value.shape), np.dtype(value.dtype), data=group["data"],
+                           indices=group["indices"], indptr=np.asarray(group["indptr"][...], dtype=np.int64))  # fmt: skip
+        return backing_from_zarr(group, name=name)
+    if isinstance(value, ad.abc.CSCDataset):
+        raise BackingError(f"{name} is a backed CSC matrix, which cannot be read by rows; convert it to CSR.")
+    if isinstance(value, zarr.Array | zarr.Group):
+        return backing_from_zarr(value, name=name)
+    if isinstance(value, np.ndarray | h5py.Dataset):
+        return Backing("dense", tuple(value.shape), np.dtype(value.dtype), array=value)
+    raise BackingError(
+        f"{name} has type {type(value).__name__}; the loader reads numpy arrays, scipy CSR matrices, "
+        "zarr arrays/groups and backed AnnData."
+    )

@@ -1,0 +1,59 @@
+"""obs columns encoded once for fast per-batch lookup: categoricals as integer codes, others as arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+
+class ObsTable:
+    """Selected obs columns over all rows of a loader, as numpy arrays indexed by global row.
+
+    Categorical columns are stored as int64 codes with their categories (``-1`` marks a missing value);
+    numeric and boolean columns keep their dtype; string columns raise (``strings="error"``) or are
+    kept as object arrays (``strings="keep"``, for DataFrame output). Encoding happens once, when the loader is built, so
+    batches never go through pandas unless a DataFrame is asked for.
+    """
+
+    def __init__(
+        self, obs: pd.DataFrame, columns: Sequence[str], *, strings: Literal["error", "keep"] = "error"
+    ):
+        missing = [c for c in columns if c not in obs.columns]
+        if missing:
+            raise KeyError(f"obs column(s) {missing} not found; available: {list(obs.columns)}.")
+        self.columns = list(columns)
+        self.arrays: dict[str, np.ndarray] = {}
+        self.categories: dict[str, pd.Index] = {}
+        for col in self.columns:
+            values = obs[col]
+            if isinstance(values.dtype, pd.CategoricalDtype):
+                self.arrays[col] = values.cat.codes.to_numpy().astype(np.int64)
+                self.categories[col] = values.cat.categories
+            elif (
+                pd.api.types.is_bool_dtype(values)
+                or pd.api.types.is_numeric_dtype(values)
+                or strings == "keep"
+            ):
+                self.arrays[col] = values.to_numpy()
+            else:
+                raise TypeError(
+                    f"obs column {col!r} holds strings ({values.dtype}); encode it as categories first, "
+                    f"e.g. `adata.obs[{col!r}] = adata.obs[{col!r}].astype('category')`."
+                )
+
+    def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Column arrays for ``rows`` (global row ids)."""
+        return {col: arr[rows] for col, arr in self.arrays.items()}
+
+    def frame(self, rows: np.ndarray, index: pd.Index | None = None) -> pd.DataFrame:
+        """A pandas DataFrame for ``rows``, categoricals rebuilt from their codes."""
+        out = {}
+        for col, arr in self.arrays.items():
+            values = arr[rows]
+            if col in self.categories:
+                values = pd.Categorical.from_codes(values, categories=self.categories[col])
+            out[col] = values
+        return pd.DataFrame(out, index=index)

@@ -1,0 +1,309 @@
+"""The Loader: sampler → fetch → assemble → convert, with background prefetch."""
+
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from annbatch._assemble import Assembler
+from annbatch._backing import Backing, BackingError, backing_from_memory, backing_from_zarr
+from annbatch._convert import Target, check_target, convert
+from annbatch._fetch import Fetcher
+from annbatch._obs import ObsTable
+from annbatch._prefetch import Prefetcher
+from annbatch.abc import Sampler
+from annbatch.samplers import RandomSampler
+
+if TYPE_CHECKING:
+    from annbatch.collection import Collection
+
+try:  # A torch IterableDataset when torch is there (DataLoader then treats it as iterable-style).
+    from torch.utils.data import IterableDataset as _Base
+except ImportError:  # pragma: no cover - exercised in environments without torch
+    _Base = object
+
+__all__ = ["Loader"]
+
+
+class Loader(_Base):
+    """Mini-batches from on-disk or in-memory AnnData data, read in contiguous chunks and shuffled in memory.
+
+    Each load reads ``preload_nchunks`` chunks of ``chunk_size`` contiguous rows from all datasets
+    concurrently, shuffles those rows in memory and yields mini-batches of ``batch_size`` rows as dicts
+    ``{"X": ..., "obs": ..., "var": ..., "index": ...}``. The next load is read in a background thread
+    while the current one is consumed. On a preshuffled :class:`~annbatch.Collection`, contiguous
+    chunks are already random samples, so this gives near-random batches at sequential-read speed.
+
+    Parameters
+    ----------
+    batch_size
+        Rows per mini-batch.
+    chunk_size
+        Contiguous rows per read.
+    preload_nchunks
+        Chunks per load (``chunk_size * preload_nchunks`` rows are shuffled together).
+    shuffle
+        Shuffle chunk order and rows within each load.
+    drop_last
+        Drop the last, smaller batch of an epoch.
+    rng, seed
+        Randomness of the default sampler; the same seed gives the same batches, and every new
+        iteration (epoch) a new order derived from it. Give at most one.
+    return_index
+        Add the global row numbers of each batch as ``"index"``.
+    to
+        ``None``/``"numpy"`` (numpy or scipy CSR), ``"torch"`` (dense or sparse CSR tensors, zero-copy)
+        or ``"jax"``.
+    batch_sampler
+        A :class:`~annbatch.abc.Sampler` deciding what to read; replaces the default
+        :class:`~annbatch.samplers.RandomSampler` (then ``batch_size``, ``chunk_size``,
+        ``preload_nchunks``, ``shuffle``, ``drop_last`` and ``rng`` are not used).
+    obs_columns
+        obs columns to yield with every batch as a DataFrame under ``"obs"``; ``None`` yields no obs
+        for collections and all obs columns for datasets added with an obs DataFrame.
+    prefetch
+        Loads read ahead in the background (``0`` reads in the consumer's thread).
+
+    Examples
+    --------
+    >>> loader = annbatch.Loader(
+    ...     batch_size=4096, chunk_size=256, preload_nchunks=32, shuffle=True
+    ... )  # doctest: +SKIP
+    >>> loader.use_collection(annbatch.Collection("cells.zarr"))  # doctest: +SKIP
+    >>> for batch in loader:  # doctest: +SKIP
+    ...     x = batch["X"]
+    """
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 1,
+        chunk_size: int = 512,
+        preload_nchunks: int = 32,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        rng: np.random.Generator | None = None,
+        seed: int | None = None,
+        return_index: bool = False,
+        to: Target = None,
+        batch_sampler: Sampler | None = None,
+        obs_columns: Sequence[str] | None = None,
+        prefetch: int = 2,
+        preload_to_gpu: bool = False,
+    ):
+        if batch_sampler is None:
+            batch_sampler = RandomSampler(batch_size, chunk_size, preload_nchunks, shuffle=shuffle,
+                                          drop_last=drop_last, rng=rng, seed=seed)  # fmt: skip
+        elif not isinstance(batch_sampler, Sampler):
+            raise TypeError(
+                f"`batch_sampler` must be an annbatch.abc.Sampler, got {type(batch_sampler).__name__}."
+            )
+        if preload_to_gpu:
+            raise ValueError("`preload_to_gpu` needs cupy and a GPU, which this build does not support yet.")
+        if prefetch < 0:
+            raise ValueError(f"`prefetch` must be 0 or more, got {prefetch}.")
+        self._sampler = batch_sampler
+        self._to = check_target(to)
+        self._return_index = return_index
+        self._obs_columns = list(obs_columns) if obs_columns is not None else None
+        self._prefetch = prefetch
+        self._backings: list[Backing] = []
+        self._obs: list[pd.DataFrame | None] = []
+        self._obs_reader: Callable[[Sequence[str] | None], pd.DataFrame] | None = None
+        self._var: pd.DataFrame | None = None
+        self._epoch = 0
+        self._obs_table: ObsTable | None = None
+
+    # -- adding data -----------------------------------------------------------------------------------------
+    def use_collection(
+        self, collection: Collection, *, load_adata: Callable | None = None, layer: str | None = None
+    ) -> Loader:
+        """Read from every dataset of a :class:`~annbatch.Collection` (``X``, or ``layers[layer]``)."""
+        if self._backings:
+            raise ValueError("This loader already has data; use a new Loader for another collection.")
+        if collection.is_empty:
+            raise ValueError(f"The collection {collection!r} is empty: add data with `add_adatas` first.")
+        if load_adata is not None:
+            for group in collection:
+                self.add_adata(load_adata(group))
+            return self
+        key = "X" if layer is None else f"layers/{layer}"
+        backings = [backing_from_zarr(group[key], name=f"{group.path}/{key}") for group in collection]
+        self._add_backings(backings, [None] * len(backings), var=collection.var)
+        self._obs_reader = collection.obs
+        return self
+
+    def add_adata(self, adata: ad.AnnData, *, layer: str | None = None) -> Loader:
+        """Add an AnnData (in memory or backed): its ``X`` (or a layer) and obs."""
+        return self.add_adatas([adata], layer=layer)
+
+    def add_adatas(self, adatas: Sequence[ad.AnnData], *, layer: str | None = None) -> Loader:
+        """Add several AnnData objects, in order."""
+        backings = []
+        for i, adata in enumerate(adatas):
+            x = adata.X if layer is None else adata.layers[layer]
+            if x is None:
+                raise BackingError(f"AnnData #{i} has no X; pass `layer=` or add X.")
+            backings.append(
+                backing_from_memory(x, name=f"X of AnnData #{i}" if layer is None else f"layer {layer!r}")
+            )
+        self._add_backings(backings, [a.obs for a in adatas], var=adatas[0].var if adatas else None)
+        return self
+
+    def add_dataset(self, dataset: Any, obs: pd.DataFrame | None = None) -> Loader:
+        """Add one matrix: numpy array, scipy CSR, zarr array/CSR group, h5py dataset or backed CSR."""
+        return self.add_datasets([dataset], [obs])
+
+    def add_datasets(
+        self, datasets: Sequence[Any], obs: Sequence[pd.DataFrame | None] | None = None
+    ) -> Loader:
+        """Add several matrices (and optionally an obs DataFrame for each)."""
+        obs = list(obs) if obs is not None else [None] * len(datasets)
+        if len(obs) != len(datasets):
+            raise ValueError(f"Got {len(datasets)} datasets but {len(obs)} obs frames.")
+        backings = [
+            backing_from_memory(d, name=f"dataset #{len(self._backings) + i}") for i, d in enumerate(datasets)
+        ]
+        self._add_backings(backings, obs, var=None)
+        return self
+
+    def _add_backings(self, backings: list[Backing], obs: list, var: pd.DataFrame | None) -> None:
+        everything = self._backings + backings
+        kinds = {b.kind for b in everything}
+        if len(kinds) > 1:
+            raise BackingError(
+                "Cannot mix sparse (CSR) and dense datasets in one loader; convert them to one kind."
+            )
+        widths = {b.shape[1:] for b in everything}
+        if len(widths) > 1:
+            raise BackingError(
+                f"Datasets have different numbers of variables {sorted(widths)}; align their var first."
+            )
+        for o, b in zip(obs, backings, strict=True):
+            if o is not None and len(o) != b.n_obs:
+                raise ValueError(f"obs has {len(o)} rows but its dataset has {b.n_obs}.")
+        if var is not None and self._var is not None and not var.index.equals(self._var.index):
+            raise BackingError(
+                "The added data's var names differ from the loader's; subset them to one var space."
+            )
+        dtypes = {b.dtype for b in everything}
+        if len(dtypes) > 1:
+            warnings.warn(f"Datasets have different dtypes {sorted(map(str, dtypes))}; promoting to "
+                          f"{np.result_type(*dtypes)}.", stacklevel=3)  # fmt: skip
+        self._backings = everything
+        self._obs += obs
+        self._var = var if var is not None else self._var
+        self._obs_table = None
+
+    # -- properties ------------------------------------------------------------------------------------------
+    @property
+    def n_obs(self) -> int:
+        """Total rows over all datasets."""
+        return sum(b.n_obs for b in self._backings)
+
+    @property
+    def n_var(self) -> int:
+        """Number of variables (columns of X)."""
+        return self._backings[0].shape[1] if self._backings else 0
+
+    n_vars = n_var
+
+    @property
+    def var(self) -> pd.DataFrame | None:
+        """The var DataFrame, when known."""
+        return self._var
+
+    @property
+    def batch_sampler(self) -> Sampler:
+        """The sampler deciding what each load reads."""
+        return self._sampler
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows per mini-batch."""
+        return self._sampler.batch_size
+
+    def __len__(self) -> int:
+        """Number of mini-batches in one epoch."""
+        self._require_data()
+        return self._sampler.n_iters(self.n_obs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch the next iteration uses (each iteration otherwise advances it by one).
+
+        Call this every epoch when the loader runs inside :class:`torch.utils.data.DataLoader` workers,
+        which get a fresh copy of the loader per epoch unless ``persistent_workers=True``.
+        """
+        self._epoch = int(epoch)
+
+    def _require_data(self) -> None:
+        if not self._backings:
+            raise ValueError(
+                "The loader has no data: call `use_collection`, `add_adata(s)` or `add_dataset(s)` first."
+            )
+
+    # -- iteration -------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yield the mini-batches of one epoch."""
+        self._require_data()
+        sampler = copy.copy(self._sampler)  # worker/epoch settings are per iteration
+        worker = _torch_worker_info()
+        if worker is not None:
+            sampler.set_worker(worker.id, worker.num_workers)
+        sampler.set_epoch(self._epoch)
+        self._epoch += 1
+        sampler.validate(self.n_obs)
+        batches = self._batches(sampler)
+        if self._prefetch == 0:
+            for load in batches:
+                yield from load
+            return
+        for load in Prefetcher(batches, depth=self._prefetch):
+            yield from load
+
+    def _batches(self, sampler: Sampler) -> Iterator[list[dict[str, Any]]]:
+        fetcher = Fetcher(self._backings, np.result_type(*{b.dtype for b in self._backings}))
+        obs_table = self._encoded_obs()
+        assembler = Assembler()
+        for request in sampler.sample(self.n_obs):
+            loaded = fetcher.fetch(request["requests"])
+            out = []
+            for batch in assembler.batches(loaded, request):
+                item = {"X": convert(batch.X, self._to), "obs": None, "var": self._var, "index": None}
+                if obs_table is not None:
+                    item["obs"] = obs_table.frame(batch.rows)
+                if self._return_index:
+                    item["index"] = batch.rows
+                out.append(item)
+            yield out
+
+    def _encoded_obs(self) -> ObsTable | None:
+        if self._obs_table is not None:
+            return self._obs_table
+        if self._obs_reader is not None:
+            if not self._obs_columns:
+                return None
+            obs = self._obs_reader(self._obs_columns)
+        elif all(o is not None for o in self._obs) and self._obs:
+            obs = pd.concat(self._obs) if len(self._obs) > 1 else self._obs[0]
+        else:
+            if self._obs_columns:
+                raise ValueError("`obs_columns` were requested but some datasets were added without obs.")
+            return None
+        columns = self._obs_columns if self._obs_columns is not None else list(obs.columns)
+        self._obs_table = ObsTable(obs, columns, strings="keep")
+        return self._obs_table
+
+
+def _torch_worker_info():
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    return torch.utils.data.get_worker_info()
