@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import zarr
 
+from annbatch._shards import ShardedReader, sharded_reader
 from annbatch._zarr import zarrs_pipeline
 
 
@@ -31,7 +32,7 @@ class Backing:
     kind: Literal["csr", "dense"]
     shape: tuple[int, ...]
     dtype: np.dtype
-    array: Any = None  # dense: numpy, zarr.Array or h5py.Dataset
+    array: Any = None  # dense: numpy, zarr.Array, ShardedReader or h5py.Dataset
     data: Any = None  # csr: values
     indices: Any = None  # csr: column indices (any integer dtype)
     indptr: np.ndarray | None = None  # csr: row pointers, always in memory (int64)
@@ -51,7 +52,7 @@ def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str) -> Backing:
     """A backing for an AnnData element stored in zarr (``X`` or a layer): CSR group or dense array."""
     with zarrs_pipeline():  # arrays pick their codec pipeline when opened
         if isinstance(elem, zarr.Array):
-            return Backing("dense", tuple(elem.shape), np.dtype(elem.dtype), array=_reopen(elem))
+            return Backing("dense", tuple(elem.shape), np.dtype(elem.dtype), array=_fastest(elem))
         encoding = elem.attrs.get("encoding-type")
         if encoding != "csr_matrix":
             raise BackingError(
@@ -59,12 +60,16 @@ def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str) -> Backing:
                 "Convert it with `annbatch.Collection(...).add_adatas` (which writes CSR)."
             )
         shape = tuple(int(x) for x in elem.attrs["shape"])
-        data, indices = _reopen(elem["data"]), _reopen(elem["indices"])
+        data, indices = _fastest(elem["data"]), _fastest(elem["indices"])
         indptr = np.asarray(elem["indptr"][...], dtype=np.int64)
         return Backing("csr", shape, np.dtype(data.dtype), data=data, indices=indices, indptr=indptr)
 
 
-def _reopen(arr: zarr.Array) -> zarr.Array:
+def _fastest(arr: zarr.Array) -> zarr.Array | ShardedReader:
+    """Our direct shard reader where the layout allows, else the array reopened under zarrs."""
+    reader = sharded_reader(arr)
+    if reader is not None:
+        return reader
     # An array opened before the zarrs pipeline was set keeps zarr-python's pipeline: open it again.
     return zarr.open_array(arr.store, path=arr.path, mode="r")
 

@@ -9,7 +9,9 @@ in parallel by zarrs), in-memory and h5py ranges by plain slicing.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +22,7 @@ from zarr.core.sync import sync
 
 from annbatch._backing import Backing
 from annbatch._csr import RawCSR
+from annbatch._shards import ShardedReader, run_tasks
 
 
 @dataclass
@@ -38,6 +41,20 @@ class Fetcher:
         self._dtype = np.dtype(dtype)
         self._offsets = np.cumsum([0] + [b.n_obs for b in self._backings])
         self.kind = self._backings[0].kind
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 2, thread_name_prefix="annbatch-read"
+            )
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the read threads."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     @property
     def n_obs(self) -> int:
@@ -76,7 +93,7 @@ class Fetcher:
         for d, lo, hi in ranges:
             jobs.append((self._backings[d].array, lo, hi, out[pos : pos + hi - lo]))
             pos += hi - lo
-        _read_all(jobs)
+        _read_all(jobs, self._executor())
         return out
 
     def _fetch_csr(self, ranges) -> RawCSR:
@@ -99,7 +116,7 @@ class Fetcher:
             backing = self._backings[d]
             jobs.append((backing.data, a, b, data[p : p + b - a]))
             jobs.append((backing.indices, a, b, indices[p : p + b - a]))
-        _read_all(jobs)
+        _read_all(jobs, self._executor())
         return RawCSR(data, indices, indptr, (n_rows, self._backings[0].shape[1]))
 
 
@@ -114,13 +131,19 @@ def _runs(rows: np.ndarray) -> list[slice]:
     return [slice(int(rows[s]), int(rows[e - 1]) + 1) for s, e in zip(starts, stops, strict=True)]
 
 
-def _read_all(jobs: list[tuple[object, int, int, np.ndarray]]) -> None:
-    """Fill every ``out`` with ``source[start:stop]``; zarr sources are read concurrently."""
-    zarr_jobs = []
+def _read_all(jobs: list[tuple[object, int, int, np.ndarray]], pool: Executor | None = None) -> None:
+    """Fill every ``out`` with ``source[start:stop]``; zarr and shard sources are read concurrently."""
+    zarr_jobs, chunk_tasks = [], []
     for source, start, stop, out in jobs:
         if stop <= start:
             continue
-        if isinstance(source, zarr.Array):
+        if isinstance(source, ShardedReader) and out.dtype == source.dtype:
+            chunk_tasks += source.tasks(start, stop, out)
+        elif isinstance(source, ShardedReader):
+            tmp = np.empty(out.shape, dtype=source.dtype)
+            run_tasks(source.tasks(start, stop, tmp), pool)
+            out[...] = tmp
+        elif isinstance(source, zarr.Array):
             zarr_jobs.append((source, start, stop, out))
         elif out.dtype == source.dtype and isinstance(source, np.ndarray):
             out[...] = source[start:stop]
@@ -128,6 +151,7 @@ def _read_all(jobs: list[tuple[object, int, int, np.ndarray]]) -> None:
             out[...] = np.asarray(source[start:stop])  # h5py, or a dtype promotion
     if zarr_jobs:
         sync(_read_zarr(zarr_jobs))
+    run_tasks(chunk_tasks, pool)
 
 
 async def _read_zarr(jobs) -> None:

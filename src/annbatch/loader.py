@@ -272,17 +272,20 @@ class Loader(_Base):
         fetcher = Fetcher(self._backings, np.result_type(*{b.dtype for b in self._backings}))
         obs_table = self._encoded_obs()
         assembler = Assembler()
-        for request in sampler.sample(self.n_obs):
-            loaded = fetcher.fetch(request["requests"])
-            out = []
-            for batch in assembler.batches(loaded, request):
-                item = {"X": convert(batch.X, self._to), "obs": None, "var": self._var, "index": None}
-                if obs_table is not None:
-                    item["obs"] = obs_table.frame(batch.rows)
-                if self._return_index:
-                    item["index"] = batch.rows
-                out.append(item)
-            yield out
+        try:
+            for request in sampler.sample(self.n_obs):
+                loaded = fetcher.fetch(request["requests"])
+                out = []
+                for batch in assembler.batches(loaded, request):
+                    item = {"X": convert(batch.X, self._to), "obs": None, "var": self._var, "index": None}
+                    if obs_table is not None:
+                        item["obs"] = obs_table.frame(batch.rows)
+                    if self._return_index:
+                        item["index"] = batch.rows
+                    out.append(item)
+                yield out
+        finally:
+            fetcher.close()
 
     def _encoded_obs(self) -> ObsTable | None:
         if self._obs_table is not None:
