@@ -1,59 +1,99 @@
-"""Assemble: cut loaded rows into mini-batches by the sampler's splits, carrying partial batches over."""
+"""Assemble: lay a load out in batch order, fill it (via fetch), and cut it into mini-batches.
+
+Rows carried over from the previous load (a partial batch) are copied into the new layout; the new
+rows are read straight into their places, so a batch is a contiguous slice of the load buffer and
+costs no gather.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from annbatch._csr import RawCSR, gather_rows, vstack
-from annbatch._fetch import Loaded
+from annbatch._csr import RawCSR, rows_view, scatter_rows
+from annbatch._fetch import Fetcher
+from annbatch._layout import LoadLayout
 from annbatch.types import LoadRequest
 
 
-def take(parts: Sequence[Loaded], positions: np.ndarray) -> Loaded:
-    """Rows at ``positions`` of the concatenation of ``parts``, without concatenating the parts.
+@dataclass
+class Batch:
+    """One mini-batch: its rows of X and their global row ids."""
 
-    Only the first batch after a carry touches two parts; every other batch is one gather.
-    """
-    pieces_x, pieces_rows = [], []
-    start = 0
-    for part in parts:
-        n = len(part.rows)
-        mine = (
-            positions[(positions >= start) & (positions < start + n)] - start if len(parts) > 1 else positions
-        )
-        if len(mine):
-            pieces_x.append(_gather(part.X, mine))
-            pieces_rows.append(part.rows[mine])
-        start += n
-    if not pieces_x:
-        empty = parts[-1]
-        return Loaded(_gather(empty.X, np.empty(0, np.int64)), np.empty(0, np.int64))
-    if len(pieces_x) == 1:
-        return Loaded(pieces_x[0], pieces_rows[0])
-    x = vstack(pieces_x) if isinstance(pieces_x[0], RawCSR) else np.concatenate(pieces_x)
-    return Loaded(x, np.concatenate(pieces_rows))
-
-
-def _gather(x: np.ndarray | RawCSR, rows: np.ndarray) -> np.ndarray | RawCSR:
-    if isinstance(x, RawCSR):
-        return gather_rows(x, rows)
-    return np.take(x, rows, axis=0)
+    X: np.ndarray | RawCSR
+    rows: np.ndarray
 
 
 class Assembler:
-    """Turns each fetched load into its mini-batches, keeping the carried rows between loads."""
+    """Turns load requests into mini-batches, keeping carried rows between loads."""
 
-    def __init__(self):
-        self._carried: Loaded | None = None
+    def __init__(self, fetcher: Fetcher, dtype: np.dtype, n_vars: int, row_shape: tuple[int, ...]):
+        self._fetcher = fetcher
+        self._dtype = np.dtype(dtype)
+        self._n_vars = n_vars
+        self._row_shape = row_shape
+        # torch wants CSR crow/col indices of one dtype: int32 unless the matrix is enormous.
+        self._index_dtype = np.dtype(np.int32 if n_vars < 2**31 else np.int64)
+        self._carried: Batch | None = None
 
-    def batches(self, fetched: Loaded, request: LoadRequest) -> list[Loaded]:
-        """The mini-batches of one load (X rows and their global row ids)."""
-        parts = [self._carried, fetched] if self._carried is not None else [fetched]
-        out = [take(parts, np.asarray(split, dtype=np.int64)) for split in request["splits"]]
-        carry = request.get("carry")
-        self._carried = (
-            take(parts, np.asarray(carry, dtype=np.int64)) if carry is not None and len(carry) else None
-        )
+    def batches(self, request: LoadRequest) -> list[Batch]:
+        """Read one load and return its mini-batches."""
+        ranges = self._fetcher.split(request["requests"])
+        new_rows = self._fetcher.global_rows(ranges)
+        carried = self._carried
+        n_c = 0 if carried is None else len(carried.rows)
+        layout = LoadLayout.of(request, n_c + len(new_rows))
+        valid = layout.out_pos >= 0
+        rows = np.empty(layout.n_out, dtype=np.int64)
+        loaded_rows = new_rows if carried is None else np.concatenate([carried.rows, new_rows])
+        rows[layout.out_pos[valid]] = loaded_rows[valid]
+        if self._fetcher.kind == "csr":
+            x = self._fill_csr(ranges, layout, carried, n_c)
+            cut = lambda a, b: rows_view(x, a, b)  # noqa: E731
+        else:
+            x = self._fill_dense(ranges, layout, carried, n_c)
+            cut = lambda a, b: x[a:b]  # noqa: E731
+        bounds = layout.bounds
+        out = [
+            Batch(cut(bounds[b], bounds[b + 1]), rows[bounds[b] : bounds[b + 1]])
+            for b in range(len(bounds) - 1)
+        ]
+        if layout.n_out > layout.n_batch_rows:  # copy: the small carry must not pin the whole load buffer
+            tail = cut(layout.n_batch_rows, layout.n_out)
+            tail_x = tail.copy() if isinstance(tail, np.ndarray) else _copy_csr(tail)
+            self._carried = Batch(tail_x, rows[layout.n_batch_rows :].copy())
+        else:
+            self._carried = None
         return out
+
+    def _fill_dense(self, ranges, layout: LoadLayout, carried: Batch | None, n_c: int) -> np.ndarray:
+        x = np.empty((layout.n_out, *self._row_shape), dtype=self._dtype)
+        if carried is not None:
+            dest = layout.out_pos[:n_c]
+            keep = dest >= 0
+            x[dest[keep]] = carried.X[keep]
+        self._fetcher.read_dense(ranges, layout.out_pos[n_c:], x)
+        return x
+
+    def _fill_csr(self, ranges, layout: LoadLayout, carried: Batch | None, n_c: int) -> RawCSR:
+        nnz = self._fetcher.row_nnz(ranges)
+        if carried is not None:
+            nnz = np.concatenate([np.diff(carried.X.indptr).astype(np.int64), nnz])
+        valid = layout.out_pos >= 0
+        out_nnz = np.zeros(layout.n_out, dtype=np.int64)
+        out_nnz[layout.out_pos[valid]] = nnz[valid]
+        indptr = np.zeros(layout.n_out + 1, dtype=np.int64)
+        np.cumsum(out_nnz, out=indptr[1:])
+        data = np.empty(indptr[-1], dtype=self._dtype)
+        indices = np.empty(indptr[-1], dtype=self._index_dtype)
+        dest = np.where(valid, indptr[np.maximum(layout.out_pos, 0)], -1)
+        if carried is not None:
+            c = carried.X
+            scatter_rows(c.indptr.astype(np.int64), c.indices, c.data, dest[:n_c], indices, data)
+        self._fetcher.read_csr(ranges, dest[n_c:], data, indices)
+        return RawCSR(data, indices, indptr, (layout.n_out, self._n_vars))
+
+
+def _copy_csr(m: RawCSR) -> RawCSR:
+    return RawCSR(m.data.copy(), m.indices.copy(), m.indptr.copy(), m.shape)

@@ -42,53 +42,40 @@ class RawCSR:
 
 @numba.njit(cache=True, nogil=True)
 def scatter_rows(indptr, indices, data, dest, out_indices, out_data):  # pragma: no cover - numba
-    """Copy row ``i`` of a CSR block to offset ``dest[i]`` of the output ``indices``/``data``."""
+    """Copy row ``i`` of a CSR block to offset ``dest[i]`` of the output ``indices``/``data`` (skip if < 0)."""
     for i in range(len(dest)):
         lo, hi = indptr[i], indptr[i + 1]
         d = dest[i]
+        if d < 0:
+            continue
         for j in range(hi - lo):
             out_indices[d + j] = indices[lo + j]
             out_data[d + j] = data[lo + j]
 
 
 @numba.njit(cache=True, nogil=True)
-def _gather_rows(indptr, indices, data, rows, out_indptr, out_indices, out_data):  # pragma: no cover
-    pos = 0
-    out_indptr[0] = 0
-    for i in range(len(rows)):
-        lo, hi = indptr[rows[i]], indptr[rows[i] + 1]
-        for j in range(hi - lo):
-            out_indices[pos + j] = indices[lo + j]
-            out_data[pos + j] = data[lo + j]
-        pos += hi - lo
-        out_indptr[i + 1] = pos
+def scatter_chunk(chunk, c0, row_lo, row_hi, dest, out):  # pragma: no cover - numba
+    """Copy the parts of rows that fall in one decoded chunk to their places in ``out``.
+
+    ``chunk`` holds elements ``c0:c0 + len(chunk)`` of a CSR ``data`` or ``indices`` array; row ``i``
+    spans elements ``row_lo[i]:row_hi[i]`` (sorted, non-overlapping) and goes to ``out[dest[i]:]``
+    (``dest[i] < 0``: unused). Values are cast to ``out``'s dtype on the way.
+    """
+    c1 = c0 + len(chunk)
+    i = np.searchsorted(row_hi, c0, side="right")
+    while i < len(row_lo) and row_lo[i] < c1:
+        if dest[i] >= 0:
+            a = max(row_lo[i], c0)
+            b = min(row_hi[i], c1)
+            d = dest[i] + (a - row_lo[i])
+            for j in range(b - a):
+                out[d + j] = chunk[a - c0 + j]
+        i += 1
 
 
-def gather_rows(matrix: RawCSR, rows: np.ndarray) -> RawCSR:
-    """Rows ``rows`` of ``matrix`` as a new CSR with int32 ``indptr``/``indices`` (scipy and torch ready)."""
-    nnz = int((matrix.indptr[rows + 1] - matrix.indptr[rows]).sum())
-    # torch wants crow and col indices of one dtype; int32 unless the batch is enormous.
-    index_dtype = np.int32 if max(nnz, matrix.shape[1]) < 2**31 else np.int64
-    out_indptr = np.empty(len(rows) + 1, dtype=index_dtype)
-    out_indices = np.empty(nnz, dtype=index_dtype)
-    out_data = np.empty(nnz, dtype=matrix.data.dtype)
-    _gather_rows(matrix.indptr, matrix.indices, matrix.data, rows, out_indptr, out_indices, out_data)
-    return RawCSR(out_data, out_indices, out_indptr, (len(rows), matrix.shape[1]))
-
-
-def vstack(parts: list[RawCSR]) -> RawCSR:
-    """Stack CSR blocks with equal column counts (used to join carried rows with new ones)."""
-    if len(parts) == 1:
-        return parts[0]
-    data = np.concatenate([p.data for p in parts])
-    indices = np.concatenate([p.indices for p in parts])
-    offsets = np.cumsum([0] + [p.nnz for p in parts[:-1]])
-    indptr = np.concatenate(
-        [parts[0].indptr[:1]] + [p.indptr[1:] + o for p, o in zip(parts, offsets, strict=True)]
-    )
-    return RawCSR(
-        data,
-        indices,
-        indptr.astype(parts[0].indptr.dtype),
-        (sum(p.shape[0] for p in parts), parts[0].shape[1]),
-    )
+def rows_view(matrix: RawCSR, start: int, stop: int) -> RawCSR:
+    """Rows ``start:stop`` as a CSR sharing ``data``/``indices`` (``indptr`` rebased, int32 when it fits)."""
+    lo, hi = int(matrix.indptr[start]), int(matrix.indptr[stop])
+    dtype = np.int32 if hi - lo < 2**31 and matrix.indices.dtype == np.int32 else np.int64
+    indptr = (matrix.indptr[start : stop + 1] - lo).astype(dtype)
+    return RawCSR(matrix.data[lo:hi], matrix.indices[lo:hi], indptr, (stop - start, matrix.shape[1]))

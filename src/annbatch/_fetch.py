@@ -1,9 +1,16 @@
-"""Fetch: read the rows of one load from every dataset concurrently into one buffer.
+"""Fetch: read the rows of one load from every dataset concurrently, straight into their output places.
 
-A load is a list of global row ranges. They are split at dataset boundaries, the output position of
-each range is computed up front (for CSR from the in-memory ``indptr``), one buffer is allocated, and
-every range is read straight into its slot: zarr ranges all at once through zarr's async API (decoded
-in parallel by zarrs), in-memory and h5py ranges by plain slicing.
+A load is a list of global row ranges. They are split at dataset boundaries; the caller (assembly)
+says where every row goes — an output row for dense data, an element offset for CSR — and the fetcher
+reads and places them:
+
+- arrays in our own sharded layout on a local disk (:mod:`annbatch._shards`): every inner chunk is a
+  task on a thread pool that decodes the chunk into a per-thread scratch buffer and copies its rows
+  to their destinations while the chunk is still in cache (raw dense rows are read by one vectored
+  read directly into place);
+- other zarr arrays (object storage, other layouts): all ranges are read at once through zarr's async
+  API (decoded in parallel by zarrs), then placed;
+- numpy, scipy and h5py data: sliced, then placed.
 """
 
 from __future__ import annotations
@@ -11,44 +18,28 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
 from zarr.core.buffer import default_buffer_prototype
-from zarr.core.buffer.cpu import NDBuffer
 from zarr.core.sync import sync
 
 from annbatch._backing import Backing
-from annbatch._csr import RawCSR
-from annbatch._shards import ShardedReader, run_tasks
+from annbatch._csr import scatter_chunk
+from annbatch._shards import ShardedReader
 
-
-@dataclass
-class Loaded:
-    """The rows of one load, in load order, with their global row ids."""
-
-    X: np.ndarray | RawCSR
-    rows: np.ndarray  # int64 global row id of every loaded row
+Range = tuple[int, int, int]  # (dataset, local start, local stop)
 
 
 class Fetcher:
-    """Reads global row ranges of a set of datasets (all CSR or all dense, one dtype)."""
+    """Reads global row ranges of a set of datasets (all CSR or all dense) into caller-laid-out buffers."""
 
-    def __init__(self, backings: Sequence[Backing], dtype: np.dtype):
+    def __init__(self, backings: Sequence[Backing]):
         self._backings = list(backings)
-        self._dtype = np.dtype(dtype)
         self._offsets = np.cumsum([0] + [b.n_obs for b in self._backings])
         self.kind = self._backings[0].kind
         self._pool: ThreadPoolExecutor | None = None
-
-    def _executor(self) -> ThreadPoolExecutor:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                max_workers=os.cpu_count() or 2, thread_name_prefix="annbatch-read"
-            )
-        return self._pool
 
     def close(self) -> None:
         """Stop the read threads."""
@@ -56,18 +47,28 @@ class Fetcher:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    @property
-    def n_obs(self) -> int:
-        """Total rows over all datasets."""
-        return int(self._offsets[-1])
+    def _run(self, tasks: list) -> None:
+        if len(tasks) < 2:
+            for fn, *args in tasks:
+                fn(*args)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=os.cpu_count() or 2, thread_name_prefix="annbatch-read"
+            )
+        for future in [self._pool.submit(fn, *args) for fn, *args in tasks]:
+            future.result()
 
-    def split(self, requests) -> list[tuple[int, int, int]]:
+    # -- planning -------------------------------------------------------------------------------------------
+    def split(self, requests) -> list[Range]:
         """Global requests (slices or an int array) as ``(dataset, start, stop)`` local ranges."""
         if isinstance(requests, np.ndarray):
             requests = _runs(requests)
         ranges = []
         for req in requests:
             start, stop = req.start, req.stop
+            if start < 0 or stop > self._offsets[-1]:
+                raise IndexError(f"Requested rows {start}:{stop} are outside [0, {int(self._offsets[-1])}).")
             while start < stop:
                 d = int(np.searchsorted(self._offsets, start, side="right")) - 1
                 end = min(stop, int(self._offsets[d + 1]))
@@ -75,49 +76,71 @@ class Fetcher:
                 start = end
         return ranges
 
-    def fetch(self, requests) -> Loaded:
-        """Read the rows of ``requests`` into a new buffer."""
-        ranges = self.split(requests)
-        rows = np.concatenate(
-            [np.arange(lo, hi, dtype=np.int64) + self._offsets[d] for d, lo, hi in ranges]
-            or [np.empty(0, np.int64)]
-        )
-        if self.kind == "dense":
-            return Loaded(self._fetch_dense(ranges), rows)
-        return Loaded(self._fetch_csr(ranges), rows)
+    def global_rows(self, ranges: Sequence[Range]) -> np.ndarray:
+        """Global row ids of the rows of ``ranges``, in order."""
+        parts = [np.arange(lo, hi, dtype=np.int64) + self._offsets[d] for d, lo, hi in ranges]
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
-    def _fetch_dense(self, ranges) -> np.ndarray:
-        first = self._backings[0]
-        out = np.empty((sum(hi - lo for _, lo, hi in ranges), *first.shape[1:]), dtype=self._dtype)
-        jobs, pos = [], 0
+    def row_nnz(self, ranges: Sequence[Range]) -> np.ndarray:
+        """Stored values per row of ``ranges`` (CSR), from the in-memory ``indptr``."""
+        parts = [np.diff(self._backings[d].indptr[lo : hi + 1]) for d, lo, hi in ranges]
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+    # -- reading --------------------------------------------------------------------------------------------
+    def read_dense(self, ranges: Sequence[Range], dest: np.ndarray, out: np.ndarray) -> None:
+        """Row ``i`` of the ranges (in order) goes to ``out[dest[i]]`` (skipped when ``dest[i] < 0``)."""
+        tasks, fallback, pos = [], [], 0
         for d, lo, hi in ranges:
-            jobs.append((self._backings[d].array, lo, hi, out[pos : pos + hi - lo]))
+            source, rows_dest = self._backings[d].array, dest[pos : pos + hi - lo]
             pos += hi - lo
-        _read_all(jobs, self._executor())
-        return out
+            if isinstance(source, ShardedReader):
+                for k in source.chunk_range(lo, hi):
+                    a, b = max(lo, k * source.chunk_len), min(hi, (k + 1) * source.chunk_len)
+                    tasks.append((_place_dense_chunk, source, k, a, b, rows_dest[a - lo : b - lo], out))
+            else:
+                fallback.append((source, lo, hi, rows_dest))
+        for *_, rows_dest, part in _read_ranges(fallback, out.dtype):
+            valid = rows_dest >= 0
+            out[rows_dest[valid]] = part[valid]
+        self._run(tasks)
 
-    def _fetch_csr(self, ranges) -> RawCSR:
-        n_rows = sum(hi - lo for _, lo, hi in ranges)
-        indptr = np.empty(n_rows + 1, dtype=np.int64)
-        indptr[0] = 0
-        pos, row = 0, 0
-        spans = []
+    def read_csr(
+        self, ranges: Sequence[Range], dest: np.ndarray, out_data: np.ndarray, out_indices: np.ndarray
+    ) -> None:
+        """Row ``i`` of the ranges (in order) goes to element offset ``dest[i]`` of ``out_data``/``out_indices``."""
+        tasks, fallback, pos = [], [], 0
         for d, lo, hi in ranges:
-            ip = self._backings[d].indptr
-            a, b = int(ip[lo]), int(ip[hi])
-            indptr[row + 1 : row + 1 + hi - lo] = ip[lo + 1 : hi + 1] - a + pos
-            spans.append((d, a, b, pos))
-            pos += b - a
-            row += hi - lo
-        data = np.empty(pos, dtype=self._dtype)
-        indices = np.empty(pos, dtype=self._backings[0].index_dtype)
-        jobs = []
-        for d, a, b, p in spans:
             backing = self._backings[d]
-            jobs.append((backing.data, a, b, data[p : p + b - a]))
-            jobs.append((backing.indices, a, b, indices[p : p + b - a]))
-        _read_all(jobs, self._executor())
-        return RawCSR(data, indices, indptr, (n_rows, self._backings[0].shape[1]))
+            ip = backing.indptr
+            row_lo, row_hi = ip[lo:hi], ip[lo + 1 : hi + 1]
+            rows_dest = dest[pos : pos + hi - lo]
+            pos += hi - lo
+            a, b = int(ip[lo]), int(ip[hi])
+            for source, out in ((backing.data, out_data), (backing.indices, out_indices)):
+                if isinstance(source, ShardedReader):
+                    for k in source.chunk_range(a, b):
+                        tasks.append((_place_csr_chunk, source, k, row_lo, row_hi, rows_dest, out))
+                else:
+                    fallback.append((source, a, b, (row_lo, row_hi, rows_dest, out)))
+        for _, a, _, (row_lo, row_hi, rows_dest, out), part in _read_ranges(fallback, None):
+            scatter_chunk(part, a, row_lo, row_hi, rows_dest, out)
+        self._run(tasks)
+
+
+def _place_dense_chunk(
+    source: ShardedReader, k: int, a: int, b: int, rows_dest: np.ndarray, out: np.ndarray
+) -> None:
+    c0 = k * source.chunk_len
+    if not source.compressed and source.dtype == out.dtype and (rows_dest >= 0).all():
+        source.read_rows_into(k, a - c0, [memoryview(out[r]).cast("B") for r in rows_dest])
+        return
+    chunk = source.decode(k)
+    valid = rows_dest >= 0
+    out[rows_dest[valid]] = chunk[a - c0 : b - c0][valid]
+
+
+def _place_csr_chunk(source: ShardedReader, k: int, row_lo, row_hi, rows_dest, out) -> None:
+    scatter_chunk(source.decode(k), k * source.chunk_len, row_lo, row_hi, rows_dest, out)
 
 
 def _runs(rows: np.ndarray) -> list[slice]:
@@ -131,39 +154,31 @@ def _runs(rows: np.ndarray) -> list[slice]:
     return [slice(int(rows[s]), int(rows[e - 1]) + 1) for s, e in zip(starts, stops, strict=True)]
 
 
-def _read_all(jobs: list[tuple[object, int, int, np.ndarray]], pool: Executor | None = None) -> None:
-    """Fill every ``out`` with ``source[start:stop]``; zarr and shard sources are read concurrently."""
-    zarr_jobs, chunk_tasks = [], []
-    for source, start, stop, out in jobs:
-        if stop <= start:
-            continue
-        if isinstance(source, ShardedReader) and out.dtype == source.dtype:
-            chunk_tasks += source.tasks(start, stop, out)
-        elif isinstance(source, ShardedReader):
-            tmp = np.empty(out.shape, dtype=source.dtype)
-            run_tasks(source.tasks(start, stop, tmp), pool)
-            out[...] = tmp
-        elif isinstance(source, zarr.Array):
-            zarr_jobs.append((source, start, stop, out))
-        elif out.dtype == source.dtype and isinstance(source, np.ndarray):
-            out[...] = source[start:stop]
+def _read_ranges(jobs: list[tuple], dtype: np.dtype | None) -> list[tuple]:
+    """``source[start:stop]`` of every job, zarr arrays read concurrently; each job gets its part appended."""
+    if not jobs:
+        return []
+    parts: list = [None] * len(jobs)
+    zarr_jobs = []
+    for i, (source, start, stop, _) in enumerate(jobs):
+        if isinstance(source, zarr.Array):
+            zarr_jobs.append((i, source, start, stop))
         else:
-            out[...] = np.asarray(source[start:stop])  # h5py, or a dtype promotion
+            parts[i] = np.asarray(source[start:stop])
     if zarr_jobs:
-        sync(_read_zarr(zarr_jobs))
-    run_tasks(chunk_tasks, pool)
+        for i, part in zip([j[0] for j in zarr_jobs], sync(_read_zarr(zarr_jobs)), strict=True):
+            parts[i] = part
+    return [
+        (*job, part if dtype is None else part.astype(dtype, copy=False))
+        for job, part in zip(jobs, parts, strict=True)
+    ]
 
 
-async def _read_zarr(jobs) -> None:
+async def _read_zarr(jobs) -> list[np.ndarray]:
     prototype = default_buffer_prototype()
 
-    async def one(source: zarr.Array, start: int, stop: int, out: np.ndarray) -> None:
-        selection = (slice(start, stop), *(slice(None),) * (out.ndim - 1))
-        if out.dtype == source.dtype:
-            await source._async_array.get_orthogonal_selection(
-                selection, out=NDBuffer.from_numpy_array(out), prototype=prototype
-            )
-        else:  # promotion across datasets: read in the stored dtype, then cast into place
-            out[...] = await source._async_array.getitem(selection, prototype=prototype)
+    async def one(source: zarr.Array, start: int, stop: int) -> np.ndarray:
+        selection = (slice(start, stop), *(slice(None),) * (source.ndim - 1))
+        return np.asarray(await source._async_array.getitem(selection, prototype=prototype))
 
-    await asyncio.gather(*(one(*job) for job in jobs))
+    return await asyncio.gather(*(one(source, start, stop) for _, source, start, stop in jobs))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Executor
 from pathlib import Path
 
 import numpy as np
@@ -63,38 +62,67 @@ class ShardedReader:
                     self._fds[s], self._indexes[s] = fd, np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
             return self._fds[s], self._indexes[s]
 
-    def tasks(self, start: int, stop: int, out: np.ndarray) -> list[tuple]:
-        """Per-chunk work items filling ``out`` with rows ``start:stop``; run them with :func:`run_tasks`."""
-        jobs = []
-        c = self._chunk_rows
-        for k in range(start // c, (stop - 1) // c + 1):
-            lo, hi = max(start, k * c), min(stop, (k + 1) * c)
-            jobs.append((self, k, lo - k * c, hi - k * c, out[lo - start : hi - start]))
-        return jobs
+    @property
+    def chunk_len(self) -> int:
+        """Rows (elements, for 1-d arrays) per inner chunk."""
+        return self._chunk_rows
 
-    def read_chunk(self, k: int, lo: int, hi: int, out: np.ndarray) -> None:
-        """Decode rows ``lo:hi`` of inner chunk ``k`` into ``out``."""
+    @property
+    def compressed(self) -> bool:
+        """Whether chunks need decoding (else they are raw little-endian rows)."""
+        return self._compressed
+
+    def chunk_range(self, start: int, stop: int) -> range:
+        """Inner chunks holding rows ``start:stop``."""
+        return (
+            range(start // self._chunk_rows, (stop - 1) // self._chunk_rows + 1) if stop > start else range(0)
+        )
+
+    def decode(self, k: int) -> np.ndarray:
+        """Inner chunk ``k``, decoded into a buffer reused by the calling thread."""
+        buf = _scratch(self._chunk_rows * self._row_items, self.dtype)
         fd, index = self._shard(k // self._per_shard)
         offset, nbytes = index[k % self._per_shard] if index is not None else (_MISSING, _MISSING)
         if offset == _MISSING:
-            out[...] = self._fill
-            return
-        row_bytes = self._row_items * self.dtype.itemsize
-        if not self._compressed and out.flags.c_contiguous:  # raw rows: read them straight into place
-            got = os.preadv(fd, [memoryview(out.reshape(-1)).cast("B")], int(offset) + lo * row_bytes)
-            if got != out.nbytes:
-                raise OSError(f"Short read from shard {self._root}/c/…: {got} of {out.nbytes} bytes.")
-            return
-        raw = os.pread(fd, int(nbytes), int(offset))
-        full = lo == 0 and hi == self._chunk_rows and out.flags.c_contiguous
-        if not self._compressed:
-            out[...] = np.frombuffer(raw, dtype=self.dtype).reshape(-1, *self.shape[1:])[lo:hi]
-        elif full and out.nbytes == self._chunk_rows * row_bytes:
-            blosc.decompress(raw, out)
+            buf[...] = self._fill
+        elif self._compressed:
+            blosc.decompress(os.pread(fd, int(nbytes), int(offset)), buf)
         else:
-            buf = np.empty(self._chunk_rows * self._row_items, dtype=self.dtype)
-            blosc.decompress(raw, buf)
-            out[...] = buf.reshape(-1, *self.shape[1:])[lo:hi]
+            got = os.preadv(fd, [memoryview(buf).cast("B")], int(offset))
+            buf[got // self.dtype.itemsize :] = self._fill
+        return buf.reshape(-1, *self.shape[1:])
+
+    def read_rows_into(self, k: int, lo: int, views: list) -> None:
+        """Raw (uncompressed) rows ``lo, lo + 1, …`` of chunk ``k`` into one writable view each.
+
+        One vectored read places every row straight at its destination, so the read does the shuffle.
+        """
+        fd, index = self._shard(k // self._per_shard)
+        offset = index[k % self._per_shard][0] if index is not None else _MISSING
+        row_bytes = self._row_items * self.dtype.itemsize
+        if offset == _MISSING:
+            for view in views:
+                np.frombuffer(view, dtype=self.dtype)[...] = self._fill
+            return
+        got = os.preadv(fd, views, int(offset) + lo * row_bytes)
+        if got != len(views) * row_bytes:
+            raise OSError(
+                f"Short read from a shard of {self._root}: {got} of {len(views) * row_bytes} bytes."
+            )
+
+
+_local = threading.local()
+
+
+def _scratch(n: int, dtype: np.dtype) -> np.ndarray:
+    """A per-thread buffer of ``n`` items, reused across chunks (fresh pages are slow to fault in)."""
+    key = (n, np.dtype(dtype).str)
+    cache = getattr(_local, "buffers", None)
+    if cache is None:
+        cache = _local.buffers = {}
+    if key not in cache:
+        cache[key] = np.empty(n, dtype=dtype)
+    return cache[key]
 
 
 def sharded_reader(arr: zarr.Array) -> ShardedReader | None:
@@ -124,13 +152,3 @@ def sharded_reader(arr: zarr.Array) -> ShardedReader | None:
         return None  # chunked along rows only
     root = Path(arr.store.root) / arr.path
     return ShardedReader(root, shape, arr.dtype, inner[0], outer[0], len(names) == 2, arr.metadata.fill_value)
-
-
-def run_tasks(tasks: list[tuple], pool: Executor | None) -> None:
-    """Run chunk tasks, in ``pool`` when given (decoding and reads release the GIL)."""
-    if pool is None or len(tasks) < 2:
-        for reader, *args in tasks:
-            reader.read_chunk(*args)
-        return
-    for future in [pool.submit(reader.read_chunk, *args) for reader, *args in tasks]:
-        future.result()

@@ -269,14 +269,15 @@ class Loader(_Base):
             yield from load
 
     def _batches(self, sampler: Sampler) -> Iterator[list[dict[str, Any]]]:
-        fetcher = Fetcher(self._backings, np.result_type(*{b.dtype for b in self._backings}))
+        fetcher = Fetcher(self._backings)
+        first = self._backings[0]
+        dtype = np.result_type(*{b.dtype for b in self._backings})
+        assembler = Assembler(fetcher, dtype, first.shape[1], first.shape[1:])
         obs_table = self._encoded_obs()
-        assembler = Assembler()
         try:
             for request in sampler.sample(self.n_obs):
-                loaded = fetcher.fetch(request["requests"])
                 out = []
-                for batch in assembler.batches(loaded, request):
+                for batch in assembler.batches(request):
                     item = {"X": convert(batch.X, self._to), "obs": None, "var": self._var, "index": None}
                     if obs_table is not None:
                         item["obs"] = obs_table.frame(batch.rows)
