@@ -108,7 +108,7 @@ class Collection:
 
     @property
     def dataset_keys(self) -> list[str]:
-        """Names of the datasets, in order: ``["dataset_0", "dataset_1", …]``."""
+        """Names of the datasets in order, such as ``dataset_0``, ``dataset_1``."""
         with quiet_listing():
             keys = [k for k in self._group.group_keys() if _DATASET_KEY.match(k)]
         return sorted(keys, key=lambda k: int(_DATASET_KEY.match(k).group(1)))
@@ -275,7 +275,8 @@ class Collection:
 
         Returns
         -------
-        The collection itself.
+        Collection
+            The collection itself, for chaining.
         """
         if self._mode == "r":
             raise CollectionError(

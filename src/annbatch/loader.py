@@ -70,6 +70,9 @@ class Loader(_Base):
         for collections and all obs columns for datasets added with an obs DataFrame.
     prefetch
         Loads read ahead in the background (``0`` reads in the consumer's thread).
+    preload_to_gpu
+        Accepted for compatibility with the scverse API; GPU preloading (cupy) is not supported yet and
+        ``True`` raises.
 
     Examples
     --------
@@ -197,6 +200,7 @@ class Loader(_Base):
         if len(dtypes) > 1:
             warnings.warn(f"Datasets have different dtypes {sorted(map(str, dtypes))}; promoting to "
                           f"{np.result_type(*dtypes)}.", stacklevel=3)  # fmt: skip
+        self._sampler.validate(sum(b.n_obs for b in everything))  # bad masks etc. fail before any read
         self._backings = everything
         self._obs += obs
         self._var = var if var is not None else self._var

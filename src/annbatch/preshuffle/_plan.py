@@ -231,7 +231,8 @@ def plan_obs_schema(
     and integer codes mean the same everywhere; existing categories keep their positions when appending.
     """
     columns = {c for frame in obs_frames for c in frame.columns}
-    partial = sorted(c for c in columns if not all(c in f.columns for f in obs_frames))
+    # src_path is ours: existing datasets have it, new inputs get it while being written.
+    partial = sorted(c for c in columns - {SRC_PATH} if not all(c in f.columns for f in obs_frames))
     if partial:
         warnings.warn(
             f"obs columns present in only some inputs are filled with missing values elsewhere: {partial}.",

@@ -169,7 +169,7 @@ class RandomSampler(Sampler):
 
     @property
     def mask(self) -> slice | None:
-        """Range of rows sampled from (``None``: all)."""
+        """Range of rows sampled from; ``None`` means every row."""
         return self._mask
 
     @property
@@ -179,7 +179,7 @@ class RandomSampler(Sampler):
 
     @property
     def num_samples(self) -> int | None:
-        """Rows per epoch as given (``None``: all rows in the mask)."""
+        """Rows per epoch as given; ``None`` means every row in the mask."""
         return self._num_samples
 
     @property
