@@ -303,6 +303,8 @@ class Collection:
         seed: int | None = None,
         rng: np.random.Generator | None = None,
         obs_columns: Sequence[str] | None = None,
+        obs_keys: Sequence[str] | None = None,
+        batch_key: str | None = None,
         return_index: bool = False,
         drop_last: bool = False,
         to: Target = None,
@@ -319,7 +321,7 @@ class Collection:
         loader = Loader(
             batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks, shuffle=shuffle,
             drop_last=drop_last, seed=seed, rng=rng, return_index=return_index, to=to, batch_sampler=sampler,
-            obs_columns=obs_columns, prefetch=prefetch,
+            obs_columns=obs_columns, obs_keys=obs_keys, batch_key=batch_key, prefetch=prefetch,
         )  # fmt: skip
         return loader.use_collection(self, layer=layer)
 

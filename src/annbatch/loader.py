@@ -12,7 +12,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from annbatch._assemble import Assembler
+from annbatch._assemble import Assembler, Batch
 from annbatch._backing import Backing, BackingError, backing_from_memory, backing_from_zarr
 from annbatch._convert import Target, check_target, convert
 from annbatch._fetch import Fetcher
@@ -66,8 +66,15 @@ class Loader(_Base):
         :class:`~annbatch.samplers.RandomSampler` (then ``batch_size``, ``chunk_size``,
         ``preload_nchunks``, ``shuffle``, ``drop_last`` and ``rng`` are not used).
     obs_columns
-        obs columns to yield with every batch as a DataFrame under ``"obs"``; ``None`` yields no obs
-        for collections and all obs columns for datasets added with an obs DataFrame.
+        obs columns to yield with every batch as a pandas DataFrame under ``"obs"``; ``None`` yields no
+        obs for collections and all obs columns for datasets added with an obs DataFrame.
+    obs_keys
+        obs columns to yield with every batch as arrays aligned with X rows, under ``"obs"`` as a dict:
+        categoricals as int64 codes (labels in :attr:`categories`; ``-1`` for a missing value), numeric
+        and boolean columns in their dtype; torch tensors with ``to="torch"``. String columns must be
+        made categorical first. Encoded once when data is added, never per batch.
+    batch_key
+        An obs column (e.g. donor or batch) yielded as int64 codes under ``"batch"``.
     prefetch
         Loads read ahead in the background (``0`` reads in the consumer's thread).
     preload_to_gpu
@@ -98,6 +105,8 @@ class Loader(_Base):
         to: Target = None,
         batch_sampler: Sampler | None = None,
         obs_columns: Sequence[str] | None = None,
+        obs_keys: Sequence[str] | None = None,
+        batch_key: str | None = None,
         prefetch: int = 2,
         preload_to_gpu: bool = False,
     ):
@@ -115,14 +124,24 @@ class Loader(_Base):
         self._sampler = batch_sampler
         self._to = check_target(to)
         self._return_index = return_index
+        if obs_columns is not None and obs_keys is not None:
+            raise ValueError(
+                "Give `obs_columns` (a pandas DataFrame per batch) or `obs_keys` (arrays per batch), not both."
+            )
         self._obs_columns = list(obs_columns) if obs_columns is not None else None
+        self._obs_keys = list(obs_keys) if obs_keys is not None else []
+        self._batch_key = batch_key
+        self._key_columns = list(
+            dict.fromkeys(self._obs_keys + ([batch_key] if batch_key is not None else []))
+        )
+        self._frame_table: ObsTable | None = None
+        self._key_table: ObsTable | None = None
         self._prefetch = prefetch
         self._backings: list[Backing] = []
         self._obs: list[pd.DataFrame | None] = []
         self._obs_reader: Callable[[Sequence[str] | None], pd.DataFrame] | None = None
         self._var: pd.DataFrame | None = None
         self._epoch = 0
-        self._obs_table: ObsTable | None = None
 
     # -- adding data -----------------------------------------------------------------------------------------
     def use_collection(
@@ -139,8 +158,8 @@ class Loader(_Base):
             return self
         key = "X" if layer is None else f"layers/{layer}"
         backings = [backing_from_zarr(group[key], name=f"{group.path}/{key}") for group in collection]
-        self._add_backings(backings, [None] * len(backings), var=collection.var)
         self._obs_reader = collection.obs
+        self._add_backings(backings, [None] * len(backings), var=collection.var)
         return self
 
     def add_adata(self, adata: ad.AnnData, *, layer: str | None = None) -> Loader:
@@ -204,7 +223,7 @@ class Loader(_Base):
         self._backings = everything
         self._obs += obs
         self._var = var if var is not None else self._var
-        self._obs_table = None
+        self._prepare_obs()
 
     # -- properties ------------------------------------------------------------------------------------------
     @property
@@ -277,37 +296,81 @@ class Loader(_Base):
         first = self._backings[0]
         dtype = np.result_type(*{b.dtype for b in self._backings})
         assembler = Assembler(fetcher, dtype, first.shape[1], first.shape[1:])
-        obs_table = self._encoded_obs()
         try:
             for request in sampler.sample(self.n_obs):
-                out = []
-                for batch in assembler.batches(request):
-                    item = {"X": convert(batch.X, self._to), "obs": None, "var": self._var, "index": None}
-                    if obs_table is not None:
-                        item["obs"] = obs_table.frame(batch.rows)
-                    if self._return_index:
-                        item["index"] = batch.rows
-                    out.append(item)
-                yield out
+                yield [self._item(batch) for batch in assembler.batches(request)]
         finally:
             fetcher.close()
 
-    def _encoded_obs(self) -> ObsTable | None:
-        if self._obs_table is not None:
-            return self._obs_table
+    def _prepare_obs(self) -> None:
+        """Encode the requested obs columns once (called whenever data is added)."""
+        self._frame_table = self._key_table = None
+        if self._obs_reader is None and not all(o is not None for o in self._obs):
+            if self._obs_columns or self._key_columns:
+                raise ValueError("obs columns were requested but some datasets were added without obs.")
+            return
+        if self._key_columns:
+            self._key_table = ObsTable(self._read_obs(self._key_columns), self._key_columns)
+        columns = self._obs_columns
+        if columns is None and self._obs_reader is None and not self._key_columns:
+            columns = list(_concat_obs(self._obs).columns)  # compatible default: all columns as a DataFrame
+        if columns:
+            self._frame_table = ObsTable(self._read_obs(columns), columns, strings="keep")
+
+    def _read_obs(self, columns: Sequence[str]) -> pd.DataFrame:
         if self._obs_reader is not None:
-            if not self._obs_columns:
-                return None
-            obs = self._obs_reader(self._obs_columns)
-        elif all(o is not None for o in self._obs) and self._obs:
-            obs = pd.concat(self._obs) if len(self._obs) > 1 else self._obs[0]
-        else:
-            if self._obs_columns:
-                raise ValueError("`obs_columns` were requested but some datasets were added without obs.")
-            return None
-        columns = self._obs_columns if self._obs_columns is not None else list(obs.columns)
-        self._obs_table = ObsTable(obs, columns, strings="keep")
-        return self._obs_table
+            return self._obs_reader(list(dict.fromkeys(columns)))
+        return _concat_obs(self._obs)
+
+    @property
+    def categories(self) -> dict[str, pd.Index]:
+        """Labels of the integer codes yielded for categorical ``obs_keys`` and ``batch_key``.
+
+        ``categories["donor"][code]`` is the label of ``code``; ``-1`` codes are missing values. For a
+        collection these are the categories stored with it: the union over all inputs, in the order
+        first seen at conversion, with categories brought by later appends added at the end, so codes
+        stay valid across appends and runs.
+        """
+        return dict(self._key_table.categories) if self._key_table is not None else {}
+
+    def _item(self, batch: Batch) -> dict[str, Any]:
+        item = {"X": convert(batch.X, self._to), "obs": None, "var": self._var, "index": None}
+        if self._frame_table is not None:
+            item["obs"] = self._frame_table.frame(batch.rows)
+        if self._key_table is not None:
+            arrays = self._key_table.take(batch.rows)
+            if self._obs_keys:
+                item["obs"] = {k: convert(arrays[k], self._to) for k in self._obs_keys}
+            if self._batch_key is not None:
+                item["batch"] = convert(arrays[self._batch_key], self._to)
+        if self._return_index:
+            item["index"] = batch.rows
+        return item
+
+
+def _concat_obs(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate obs frames; categorical columns get the union of categories (first-seen order)."""
+    if len(frames) == 1:
+        return frames[0]
+    frames = [f.copy() for f in frames]
+    for col in {c for f in frames for c in f.columns}:
+        dtypes = [f[col].dtype for f in frames if col in f.columns]
+        if any(isinstance(d, pd.CategoricalDtype) for d in dtypes):
+            cats: dict = {}
+            for f in frames:
+                if col in f.columns:
+                    s = f[col]
+                    cats.update(
+                        dict.fromkeys(
+                            s.cat.categories
+                            if isinstance(s.dtype, pd.CategoricalDtype)
+                            else s.dropna().unique()
+                        )
+                    )
+            for f in frames:
+                if col in f.columns:
+                    f[col] = pd.Categorical(f[col].astype(object), categories=list(cats))
+    return pd.concat(frames)
 
 
 def _torch_worker_info():
