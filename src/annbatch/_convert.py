@@ -27,11 +27,19 @@ def check_target(to: Target) -> Target:
     return to
 
 
+def _scipy_csr(value: RawCSR) -> sp.csr_matrix:
+    # A batch is a slice of its load's buffer; scipy's constructor copies arrays that are small views
+    # of a larger base ("pruning"), so the arrays are attached after building an empty matrix.
+    matrix = sp.csr_matrix(value.shape, dtype=value.data.dtype)
+    matrix.data, matrix.indices, matrix.indptr = value.data, value.indices, value.indptr
+    return matrix
+
+
 def convert(value: np.ndarray | RawCSR, to: Target) -> Any:
     """One array or CSR batch in the target library's type."""
     if to in (None, "numpy"):
         if isinstance(value, RawCSR):
-            return sp.csr_matrix((value.data, value.indices, value.indptr), shape=value.shape, copy=False)
+            return _scipy_csr(value)
         return value
     if to == "torch":
         import torch

@@ -94,9 +94,7 @@ class Fetcher:
             source, rows_dest = self._backings[d].array, dest[pos : pos + hi - lo]
             pos += hi - lo
             if isinstance(source, ShardedReader):
-                for k in source.chunk_range(lo, hi):
-                    a, b = max(lo, k * source.chunk_len), min(hi, (k + 1) * source.chunk_len)
-                    tasks.append((_place_dense_chunk, source, k, a, b, rows_dest[a - lo : b - lo], out))
+                tasks.append((_place_dense_chunks, source, lo, hi, rows_dest, out))
             else:
                 fallback.append((source, lo, hi, rows_dest))
         for *_, rows_dest, part in _read_ranges(fallback, out.dtype):
@@ -117,9 +115,10 @@ class Fetcher:
             pos += hi - lo
             a, b = int(ip[lo]), int(ip[hi])
             for source, out in ((backing.data, out_data), (backing.indices, out_indices)):
-                if isinstance(source, ShardedReader):
-                    for k in source.chunk_range(a, b):
-                        tasks.append((_place_csr_chunk, source, k, row_lo, row_hi, rows_dest, out))
+                if isinstance(source, ShardedReader):  # one task per range: fewer hand-offs than per chunk
+                    tasks.append(
+                        (_place_csr_chunks, source, source.chunk_range(a, b), row_lo, row_hi, rows_dest, out)
+                    )
                 else:
                     fallback.append((source, a, b, (row_lo, row_hi, rows_dest, out)))
         for _, a, _, (row_lo, row_hi, rows_dest, out), part in _read_ranges(fallback, None):
@@ -127,20 +126,23 @@ class Fetcher:
         self._run(tasks)
 
 
-def _place_dense_chunk(
-    source: ShardedReader, k: int, a: int, b: int, rows_dest: np.ndarray, out: np.ndarray
+def _place_dense_chunks(
+    source: ShardedReader, lo: int, hi: int, rows_dest: np.ndarray, out: np.ndarray
 ) -> None:
-    c0 = k * source.chunk_len
-    if not source.compressed and source.dtype == out.dtype and (rows_dest >= 0).all():
-        source.read_rows_into(k, a - c0, [memoryview(out[r]).cast("B") for r in rows_dest])
-        return
-    chunk = source.decode(k)
-    valid = rows_dest >= 0
-    out[rows_dest[valid]] = chunk[a - c0 : b - c0][valid]
+    for k in source.chunk_range(lo, hi):
+        c0 = k * source.chunk_len
+        a, b = max(lo, c0), min(hi, c0 + source.chunk_len)
+        dest = rows_dest[a - lo : b - lo]
+        if not source.compressed and source.dtype == out.dtype and (dest >= 0).all():
+            source.read_rows_into(k, a - c0, [memoryview(out[r]).cast("B") for r in dest])
+            continue
+        valid = dest >= 0
+        out[dest[valid]] = source.decode(k)[a - c0 : b - c0][valid]
 
 
-def _place_csr_chunk(source: ShardedReader, k: int, row_lo, row_hi, rows_dest, out) -> None:
-    scatter_chunk(source.decode(k), k * source.chunk_len, row_lo, row_hi, rows_dest, out)
+def _place_csr_chunks(source: ShardedReader, chunks: range, row_lo, row_hi, rows_dest, out) -> None:
+    for k in chunks:
+        scatter_chunk(source.decode(k), k * source.chunk_len, row_lo, row_hi, rows_dest, out)
 
 
 def _runs(rows: np.ndarray) -> list[slice]:

@@ -3,7 +3,9 @@
 See :class:`annbatch.abc.Sampler` for the interface and how to write your own.
 """
 
+from annbatch.samplers._class import ClassSampler
 from annbatch.samplers._distributed import DistributedSampler
 from annbatch.samplers._random import RandomSampler, SequentialSampler
+from annbatch.samplers._weighted import WeightedSampler
 
-__all__ = ["DistributedSampler", "RandomSampler", "SequentialSampler"]
+__all__ = ["ClassSampler", "DistributedSampler", "RandomSampler", "SequentialSampler", "WeightedSampler"]
