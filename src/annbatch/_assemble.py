@@ -44,10 +44,8 @@ class Assembler:
         carried = self._carried
         n_c = 0 if carried is None else len(carried.rows)
         layout = LoadLayout.of(request, n_c + len(new_rows))
-        valid = layout.out_pos >= 0
-        rows = np.empty(layout.n_out, dtype=np.int64)
         loaded_rows = new_rows if carried is None else np.concatenate([carried.rows, new_rows])
-        rows[layout.out_pos[valid]] = loaded_rows[valid]
+        rows = loaded_rows[layout.order]
         if self._fetcher.kind == "csr":
             x = self._fill_csr(ranges, layout, carried, n_c)
             cut = lambda a, b: rows_view(x, a, b)  # noqa: E731
@@ -74,6 +72,7 @@ class Assembler:
             keep = dest >= 0
             x[dest[keep]] = carried.X[keep]
         self._fetcher.read_dense(ranges, layout.out_pos[n_c:], x)
+        x[layout.dup_dst] = x[layout.dup_src]
         return x
 
     def _fill_csr(self, ranges, layout: LoadLayout, carried: Batch | None, n_c: int) -> RawCSR:
@@ -81,8 +80,7 @@ class Assembler:
         if carried is not None:
             nnz = np.concatenate([np.diff(carried.X.indptr).astype(np.int64), nnz])
         valid = layout.out_pos >= 0
-        out_nnz = np.zeros(layout.n_out, dtype=np.int64)
-        out_nnz[layout.out_pos[valid]] = nnz[valid]
+        out_nnz = nnz[layout.order]
         indptr = np.zeros(layout.n_out + 1, dtype=np.int64)
         np.cumsum(out_nnz, out=indptr[1:])
         data = np.empty(indptr[-1], dtype=self._dtype)
@@ -92,6 +90,11 @@ class Assembler:
             c = carried.X
             scatter_rows(c.indptr.astype(np.int64), c.indices, c.data, dest[:n_c], indices, data)
         self._fetcher.read_csr(ranges, dest[n_c:], data, indices)
+        if len(layout.dup_dst):
+            src = indptr[layout.dup_src]
+            for s, d, n in zip(src, indptr[layout.dup_dst], out_nnz[layout.dup_dst], strict=True):
+                data[d : d + n] = data[s : s + n]
+                indices[d : d + n] = indices[s : s + n]
         return RawCSR(data, indices, indptr, (layout.n_out, self._n_vars))
 
 

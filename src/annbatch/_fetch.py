@@ -42,10 +42,14 @@ class Fetcher:
         self._pool: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
-        """Stop the read threads."""
+        """Stop the read threads and close shard files."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        for backing in self._backings:
+            for source in (backing.array, backing.data, backing.indices):
+                if isinstance(source, ShardedReader):
+                    source.close()
 
     def _run(self, tasks: list) -> None:
         if len(tasks) < 2:

@@ -21,8 +21,9 @@ class LoadLayout:
     Attributes
     ----------
     out_pos
-        For every loaded row (carried rows first, then the request's rows), its output row, or -1
-        when no split or carry uses it.
+        For every loaded row (carried rows first, then the request's rows), its (first) output row,
+        or -1 when no split or carry uses it. A row that splits repeat is read once and copied to
+        its other output rows (``dup_src`` → ``dup_dst``) after the read.
     bounds
         Output row boundaries: batch ``b`` is rows ``bounds[b]:bounds[b + 1]``; the carried rows are
         ``bounds[-1]:n_out``.
@@ -33,6 +34,9 @@ class LoadLayout:
     out_pos: np.ndarray
     bounds: np.ndarray
     n_out: int
+    dup_src: np.ndarray  # output rows whose loaded row a split repeats …
+    dup_dst: np.ndarray  # … and the further output rows that get a copy of them
+    order: np.ndarray  # loaded row of every output row
 
     @classmethod
     def of(cls, request: LoadRequest, n_loaded: int) -> LoadLayout:
@@ -42,9 +46,10 @@ class LoadLayout:
         parts = [*splits, np.asarray(carry, dtype=np.int64)] if carry is not None and len(carry) else splits
         order = np.concatenate(parts) if parts else np.empty(0, np.int64)
         out_pos = np.full(n_loaded, -1, dtype=np.int64)
-        out_pos[order] = np.arange(len(order), dtype=np.int64)
+        out_pos[order[::-1]] = np.arange(len(order), dtype=np.int64)[::-1]  # first occurrence wins
+        dup_dst = np.flatnonzero(out_pos[order] != np.arange(len(order)))
         bounds = np.concatenate([[0], np.cumsum([len(s) for s in splits], dtype=np.int64)])
-        return cls(out_pos, bounds, len(order))
+        return cls(out_pos, bounds, len(order), out_pos[order[dup_dst]], dup_dst, order)
 
     @property
     def n_batch_rows(self) -> int:

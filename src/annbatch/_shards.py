@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 from numcodecs import blosc
+from numcodecs.checksum32 import CRC32C
 from zarr.storage import LocalStore
 
 _MISSING = np.uint64(2**64 - 1)
+_CRC32C = CRC32C()
 
 
 class ShardedReader:
@@ -38,6 +40,20 @@ class ShardedReader:
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Close the shard files (they are reopened on the next read)."""
+        with self._lock:
+            for fd in self._fds.values():
+                if fd >= 0:
+                    os.close(fd)
+            self._fds, self._indexes = {}, {}
+
+    def __del__(self):
+        if getattr(self, "_fds", None):
+            for fd in self._fds.values():
+                if fd >= 0:
+                    os.close(fd)
+
     def __getstate__(self):  # file descriptors do not travel to worker processes
         state = self.__dict__.copy()
         state.update(_indexes={}, _fds={}, _lock=None)
@@ -47,20 +63,28 @@ class ShardedReader:
         self.__dict__.update(state)
         self._lock = threading.Lock()
 
-    def _shard(self, s: int) -> tuple[int, np.ndarray | None]:
+    def _shard(self, s: int) -> tuple[int, np.ndarray]:
         with self._lock:
             if s not in self._fds:
-                # Chunk keys name every dimension: c/<shard>/0/… for row-chunked N-d arrays.
-                path = self._root.joinpath("c", str(s), *["0"] * (len(self.shape) - 1))
-                if not path.exists():
-                    self._fds[s], self._indexes[s] = -1, None
-                else:
-                    fd = os.open(path, os.O_RDONLY)
-                    size = os.fstat(fd).st_size
-                    n = 16 * self._per_shard
-                    raw = os.pread(fd, n, size - n - 4)  # the index, then its 4-byte crc32c
-                    self._fds[s], self._indexes[s] = fd, np.frombuffer(raw, dtype="<u8").reshape(-1, 2)
+                self._fds[s], self._indexes[s] = self._open_shard(s)
             return self._fds[s], self._indexes[s]
+
+    def _open_shard(self, s: int) -> tuple[int, np.ndarray]:
+        # Chunk keys name every dimension: c/<shard>/0/… for row-chunked N-d arrays.
+        path = self._root.joinpath("c", str(s), *["0"] * (len(self.shape) - 1))
+        if not path.exists():  # our writer stores every chunk, so a missing shard is damage, not zeros
+            raise FileNotFoundError(
+                f"Shard {path} is missing; the collection is damaged. Rebuild it from its inputs."
+            )
+        fd = os.open(path, os.O_RDONLY)
+        n = 16 * self._per_shard
+        raw = os.pread(fd, n + 4, os.fstat(fd).st_size - n - 4)  # the index, then its 4-byte crc32c
+        try:
+            payload = _CRC32C.decode(np.frombuffer(raw, dtype="u1"))
+        except RuntimeError as err:
+            os.close(fd)
+            raise OSError(f"Shard {path} is corrupt (index checksum mismatch): {err}") from err
+        return fd, np.frombuffer(payload, dtype="<u8").reshape(-1, 2)
 
     @property
     def chunk_len(self) -> int:
@@ -82,7 +106,7 @@ class ShardedReader:
         """Inner chunk ``k``, decoded into a buffer reused by the calling thread."""
         buf = _scratch(self._chunk_rows * self._row_items, self.dtype)
         fd, index = self._shard(k // self._per_shard)
-        offset, nbytes = index[k % self._per_shard] if index is not None else (_MISSING, _MISSING)
+        offset, nbytes = index[k % self._per_shard]
         if offset == _MISSING:
             buf[...] = self._fill
         elif self._compressed:
@@ -98,7 +122,7 @@ class ShardedReader:
         One vectored read places every row straight at its destination, so the read does the shuffle.
         """
         fd, index = self._shard(k // self._per_shard)
-        offset = index[k % self._per_shard][0] if index is not None else _MISSING
+        offset = index[k % self._per_shard][0]
         row_bytes = self._row_items * self.dtype.itemsize
         if offset == _MISSING:
             for view in views:

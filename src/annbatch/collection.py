@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -308,7 +308,9 @@ class Collection:
         return_index: bool = False,
         drop_last: bool = False,
         to: Target = None,
-        sampler: Sampler | None = None,
+        sampler: Sampler | Literal["homogeneous", "balanced"] | None = None,
+        class_weights: Mapping | Sequence[float] | None = None,
+        num_samples: int | None = None,
         prefetch: int = 2,
         layer: str | None = None,
     ) -> Loader:
@@ -316,12 +318,15 @@ class Collection:
 
         Reads ``preload_nchunks`` random runs of ``chunk_size`` contiguous rows at once, shuffles them in
         memory and yields mini-batches of ``batch_size`` rows; see :class:`~annbatch.Loader` for the
-        parameters. ``sampler`` replaces the default :class:`~annbatch.samplers.RandomSampler`.
+        parameters. ``sampler`` replaces the default :class:`~annbatch.samplers.RandomSampler`;
+        ``sampler="homogeneous"`` (one ``batch_key`` value per batch) and ``sampler="balanced"``
+        (``batch_key`` values drawn uniformly or by ``class_weights``) are shorthands.
         """
         loader = Loader(
             batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks, shuffle=shuffle,
             drop_last=drop_last, seed=seed, rng=rng, return_index=return_index, to=to, batch_sampler=sampler,
-            obs_columns=obs_columns, obs_keys=obs_keys, batch_key=batch_key, prefetch=prefetch,
+            obs_columns=obs_columns, obs_keys=obs_keys, batch_key=batch_key, class_weights=class_weights,
+            num_samples=num_samples, prefetch=prefetch,
         )  # fmt: skip
         return loader.use_collection(self, layer=layer)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -19,7 +19,7 @@ from annbatch._fetch import Fetcher
 from annbatch._obs import ObsTable
 from annbatch._prefetch import Prefetcher
 from annbatch.abc import Sampler
-from annbatch.samplers import RandomSampler
+from annbatch.samplers import ClassSampler, RandomSampler, WeightedSampler
 
 if TYPE_CHECKING:
     from annbatch.collection import Collection
@@ -30,6 +30,8 @@ except ImportError:  # pragma: no cover - exercised in environments without torc
     _Base = object
 
 __all__ = ["Loader"]
+
+_KEY_SAMPLERS = ("homogeneous", "balanced")
 
 
 class Loader(_Base):
@@ -64,7 +66,11 @@ class Loader(_Base):
     batch_sampler
         A :class:`~annbatch.abc.Sampler` deciding what to read; replaces the default
         :class:`~annbatch.samplers.RandomSampler` (then ``batch_size``, ``chunk_size``,
-        ``preload_nchunks``, ``shuffle``, ``drop_last`` and ``rng`` are not used).
+        ``preload_nchunks``, ``shuffle``, ``drop_last`` and ``rng`` are not used). Shorthands that sample
+        by ``batch_key``: ``"homogeneous"`` (every batch from one key value,
+        :class:`~annbatch.samplers.ClassSampler`) and ``"balanced"`` (key values drawn uniformly, or by
+        ``class_weights``, with replacement; :class:`~annbatch.samplers.WeightedSampler`); both read
+        contiguous runs of one value, so write the collection with ``groupby=<key>``.
     obs_columns
         obs columns to yield with every batch as a pandas DataFrame under ``"obs"``; ``None`` yields no
         obs for collections and all obs columns for datasets added with an obs DataFrame.
@@ -75,6 +81,11 @@ class Loader(_Base):
         made categorical first. Encoded once when data is added, never per batch.
     batch_key
         An obs column (e.g. donor or batch) yielded as int64 codes under ``"batch"``.
+    class_weights
+        Weights per ``batch_key`` value (mapping label → weight, or one per category) for the
+        ``"homogeneous"``/``"balanced"`` shorthands.
+    num_samples
+        Rows per epoch for the ``"homogeneous"``/``"balanced"`` shorthands (default: all rows).
     prefetch
         Loads read ahead in the background (``0`` reads in the consumer's thread).
     preload_to_gpu
@@ -103,13 +114,34 @@ class Loader(_Base):
         seed: int | None = None,
         return_index: bool = False,
         to: Target = None,
-        batch_sampler: Sampler | None = None,
+        batch_sampler: Sampler | Literal["homogeneous", "balanced"] | None = None,
         obs_columns: Sequence[str] | None = None,
         obs_keys: Sequence[str] | None = None,
         batch_key: str | None = None,
+        class_weights: Mapping | Sequence[float] | None = None,
+        num_samples: int | None = None,
         prefetch: int = 2,
         preload_to_gpu: bool = False,
     ):
+        self._key_sampler: dict | None = None
+        if isinstance(batch_sampler, str):
+            if batch_sampler not in _KEY_SAMPLERS:
+                raise ValueError(
+                    f"`batch_sampler` must be a Sampler, 'homogeneous' or 'balanced', got {batch_sampler!r}."
+                )
+            if batch_key is None:
+                raise ValueError(
+                    f"`batch_sampler={batch_sampler!r}` samples by an obs column: give `batch_key`."
+                )
+            # Built once the key's codes are known (when data is added).
+            self._key_sampler = {"kind": batch_sampler, "batch_size": batch_size, "chunk_size": chunk_size,
+                                 "preload_nchunks": preload_nchunks, "weights": class_weights,
+                                 "num_samples": num_samples, "drop_last": drop_last, "rng": rng, "seed": seed}  # fmt: skip
+            batch_sampler = None
+        elif class_weights is not None or num_samples is not None:
+            raise ValueError(
+                "`class_weights`/`num_samples` apply to batch_sampler='homogeneous' or 'balanced'."
+            )
         if batch_sampler is None:
             batch_sampler = RandomSampler(batch_size, chunk_size, preload_nchunks, shuffle=shuffle,
                                           drop_last=drop_last, rng=rng, seed=seed)  # fmt: skip
@@ -168,6 +200,12 @@ class Loader(_Base):
 
     def add_adatas(self, adatas: Sequence[ad.AnnData], *, layer: str | None = None) -> Loader:
         """Add several AnnData objects, in order."""
+        for i, adata in enumerate(adatas[1:], start=1):
+            if not adata.var_names.equals(adatas[0].var_names):
+                raise BackingError(
+                    f"AnnData #{i} has different var names than AnnData #0; subset them to one var space "
+                    "(e.g. `adata[:, shared_genes]`) before adding."
+                )
         backings = []
         for i, adata in enumerate(adatas):
             x = adata.X if layer is None else adata.layers[layer]
@@ -254,7 +292,11 @@ class Loader(_Base):
         return self._sampler.batch_size
 
     def __len__(self) -> int:
-        """Number of mini-batches in one epoch."""
+        """Number of mini-batches in one epoch.
+
+        Inside :class:`torch.utils.data.DataLoader` workers each worker ends on its own partial batch,
+        so up to ``num_workers - 1`` more (smaller) batches may come back than this count.
+        """
         self._require_data()
         return self._sampler.n_iters(self.n_obs)
 
@@ -316,6 +358,21 @@ class Loader(_Base):
             columns = list(_concat_obs(self._obs).columns)  # compatible default: all columns as a DataFrame
         if columns:
             self._frame_table = ObsTable(self._read_obs(columns), columns, strings="keep")
+        if self._key_sampler is not None:
+            self._sampler = self._build_key_sampler()
+
+    def _build_key_sampler(self) -> Sampler:
+        spec = dict(self._key_sampler)
+        codes = self._key_table.arrays[self._batch_key]
+        categories = self._key_table.categories.get(self._batch_key)
+        if categories is None:
+            raise TypeError(f"batch_key {self._batch_key!r} must be categorical to sample by it.")
+        classes = pd.Categorical.from_codes(codes, categories=categories)
+        kind, weights = spec.pop("kind"), spec.pop("weights")
+        sizes = (spec.pop("batch_size"), spec.pop("chunk_size"), spec.pop("preload_nchunks"))
+        if kind == "homogeneous":
+            return ClassSampler(classes, *sizes, class_weights=weights, **spec)
+        return WeightedSampler(classes, *sizes, weights="balanced" if weights is None else weights, **spec)
 
     def _read_obs(self, columns: Sequence[str]) -> pd.DataFrame:
         if self._obs_reader is not None:

@@ -28,6 +28,8 @@ CompressorsLike = Literal["auto"] | None | Any | Sequence[Any]
 # stored raw. See benchmarks/convert.py.
 _MIN_COMPRESSION_RATIO = 1.3
 _SAMPLE_BYTES = 4 * 2**20
+# Write every chunk, even all-zero ones: a missing chunk in our stores then means damage, not zeros.
+_COMPLETE = {"write_empty_chunks": True}
 
 
 def write_sharded(
@@ -160,6 +162,7 @@ def write_row_array(
         shards=(shard_rows, *value.shape[1:]),
         compressors=_compressors_for(value, compressors),
         attributes={"encoding-type": "array", "encoding-version": "0.2.0"},
+        config=_COMPLETE,
     )
     _write_by_shard(arr, value, shard_rows)
 
@@ -187,6 +190,7 @@ def _write_csr(
             chunks=(chunk_elems,),
             shards=(shard_elems,),
             compressors=_compressors_for(arr_value, compressors),
+            config=_COMPLETE,
         )
         _write_by_shard(arr, arr_value, shard_elems)
     indptr = value.indptr.astype(np.int64, copy=False) - value.indptr[0]

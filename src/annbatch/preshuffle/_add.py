@@ -117,9 +117,16 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
         _rows_within(limit, bytes_per_row, largest_per_row, shard_bytes),
     )
     existing_sizes = [e.n_obs for e in existing]
-    targets = dataset_targets(sum(n.n_obs for n in new), existing_sizes, rows_per_dataset)
-    new_blocks = assign_blocks([n.n_obs for n in new], dataset_targets=targets,
-                               shuffle_chunk_size=shuffle_chunk_size, rng=rng if shuffle else None)  # fmt: skip
+    n_new = sum(n.n_obs for n in new)
+    targets = dataset_targets(n_new, existing_sizes, rows_per_dataset)
+    # When the existing datasets are full, new datasets are needed: then every row, old and new, is
+    # dealt again, so the new datasets do not hold only new rows.
+    redeal = bool(existing) and len(targets) > len(existing)
+    if redeal:
+        targets = dataset_targets(n_new + sum(existing_sizes), [], rows_per_dataset)
+    dealt = [n.n_obs for n in new] + (existing_sizes if redeal else [])
+    blocks_per_dataset = assign_blocks(dealt, dataset_targets=targets, shuffle_chunk_size=shuffle_chunk_size,
+                                       rng=rng if shuffle else None)  # fmt: skip
     seeds = rng.integers(0, 2**63, size=len(targets))
     # Sources: the new inputs first, then the existing datasets (rebuilt with their share of new rows).
     sources = [*new, *existing]
@@ -131,13 +138,19 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
         elements=elements,
         obs_schema=obs_schema,
     )
+    keys = collection.dataset_keys
+    next_index = max((int(k.split("_")[1]) for k in keys), default=-1) + 1
+    names = keys + [f"dataset_{next_index + j}" for j in range(len(targets) - len(keys))]
+    # A dataset that gets no new rows is still rewritten when appended inputs bring new categories,
+    # so every dataset keeps identical categories (and codes).
+    stale = [k for k, e in enumerate(existing) if not _same_categories(e.obs, obs_schema)]
     tasks: dict[str, DatasetTask] = {}
-    for k, blocks in enumerate(new_blocks):
-        if not blocks:
-            continue  # nothing new for this dataset: it stays as it is
-        if k < len(existing):
+    for k, blocks in enumerate(blocks_per_dataset):
+        if not redeal and k < len(existing):
+            if not blocks and k not in stale:
+                continue  # nothing changes for this dataset: it stays as it is
             blocks = [Block(len(new) + k, 0, existing_sizes[k]), *blocks]
-        tasks[f"dataset_{k}"] = DatasetTask(
+        tasks[names[k]] = DatasetTask(
             blocks=blocks, seed=int(seeds[k]) if shuffle else None, groupby=groupby, write_kwargs=write_kwargs
         )
 
@@ -149,6 +162,19 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
     except BaseException:
         staging.discard()
         raise
+
+
+def _same_categories(obs: pd.DataFrame, schema: dict[str, pd.CategoricalDtype]) -> bool:
+    """Whether every categorical column of ``obs`` already has the planned categories."""
+    for col, dtype in schema.items():
+        if col not in obs.columns:
+            continue
+        values = obs[col]
+        if not isinstance(values.dtype, pd.CategoricalDtype) or list(values.cat.categories) != list(
+            dtype.categories
+        ):
+            return False
+    return True
 
 
 def _existing_specs(existing: Sequence[InputAnnData]) -> dict[str, ElementSpec] | None:

@@ -165,22 +165,22 @@ def _merge_var(inputs: Sequence[InputAnnData], names: pd.Index, merge) -> pd.Dat
     if merge not in ("same", "first"):
         raise ValueError(f"`merge` must be None, 'same' or 'first', got {merge!r}.")
     columns: dict[str, pd.Series] = {}
+    disagree: set[str] = set()
     for inp in inputs:
         for col in inp.var.columns:
             values = inp.var[col].reindex(names)
             if col not in columns:
                 columns[col] = values
-            elif merge == "first":
-                columns[col] = columns[col].where(columns[col].notna(), values)
-            else:  # "same": keep only columns that agree wherever both inputs have the gene
+                continue
+            if merge == "same":  # keep only columns that agree wherever both inputs have the gene
                 both = columns[col].notna() & values.notna()
                 if not (columns[col][both].astype(object) == values[both].astype(object)).all():
-                    columns[col] = None
-                else:
-                    columns[col] = columns[col].where(columns[col].notna(), values)
+                    disagree.add(col)
+            columns[col] = columns[col].combine_first(values)  # first non-missing value, dtype kept
+    for col in disagree:
+        del columns[col]
     for col, values in columns.items():
-        if values is not None:
-            var[col] = values
+        var[col] = values
     return var
 
 
@@ -274,14 +274,19 @@ def assign_blocks(
     ]
     if rng is not None:
         blocks = [blocks[i] for i in rng.permutation(len(blocks))]
-    # Deal by position along the (shuffled) row sequence: a block goes where its first row falls.
+    # Deal by position along the (shuffled) row sequence; a block straddling two datasets is split, so
+    # every dataset gets exactly its target.
     bounds = np.cumsum(dataset_targets)
     out: list[list[Block]] = [[] for _ in dataset_targets]
     pos = 0
     for block in blocks:
-        k = min(int(np.searchsorted(bounds, pos, side="right")), len(out) - 1)
-        out[k].append(block)
-        pos += block.n_obs
+        start = block.start
+        while start < block.stop:
+            k = min(int(np.searchsorted(bounds, pos, side="right")), len(out) - 1)
+            take = block.stop - start if k == len(out) - 1 else min(block.stop - start, int(bounds[k]) - pos)
+            out[k].append(Block(block.source, start, start + take))
+            start += take
+            pos += take
     return out
 
 
