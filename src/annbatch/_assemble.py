@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from annbatch._buffers import BufferPool
 from annbatch._csr import RawCSR, rows_view, scatter_rows
 from annbatch._fetch import Fetcher
 from annbatch._layout import LoadLayout
@@ -36,6 +37,7 @@ class Assembler:
         # torch wants CSR crow/col indices of one dtype: int32 unless the matrix is enormous.
         self._index_dtype = np.dtype(np.int32 if n_vars < 2**31 else np.int64)
         self._carried: Batch | None = None
+        self._buffers = BufferPool()
 
     def batches(self, request: LoadRequest) -> list[Batch]:
         """Read one load and return its mini-batches."""
@@ -66,7 +68,7 @@ class Assembler:
         return out
 
     def _fill_dense(self, ranges, layout: LoadLayout, carried: Batch | None, n_c: int) -> np.ndarray:
-        x = np.empty((layout.n_out, *self._row_shape), dtype=self._dtype)
+        x = self._buffers.empty((layout.n_out, *self._row_shape), self._dtype)
         if carried is not None:
             dest = layout.out_pos[:n_c]
             keep = dest >= 0
@@ -83,8 +85,8 @@ class Assembler:
         out_nnz = nnz[layout.order]
         indptr = np.zeros(layout.n_out + 1, dtype=np.int64)
         np.cumsum(out_nnz, out=indptr[1:])
-        data = np.empty(indptr[-1], dtype=self._dtype)
-        indices = np.empty(indptr[-1], dtype=self._index_dtype)
+        data = self._buffers.empty(int(indptr[-1]), self._dtype)
+        indices = self._buffers.empty(int(indptr[-1]), self._index_dtype)
         dest = np.where(valid, indptr[np.maximum(layout.out_pos, 0)], -1)
         if carried is not None:
             c = carried.X
