@@ -43,7 +43,7 @@ def build_collections(n_obs_per_chunk: int) -> dict[str, Path]:
     out["sparse"] = sparse
     dense = DATA / f"loader_dense_200k_c{n_obs_per_chunk}.zarr"
     if not (dense / "dataset_0").exists():
-        obs = make_adata(200_000, 64, nnz_per_row=8, seed=0).obs
+        obs = make_adata(200_000, 64, nnz_per_row=8, seed=0).obs  # same obs columns as the sparse data
         rng = np.random.default_rng(0)
         x = rng.standard_normal((200_000, 512), dtype=np.float32)  # embedding-like: barely compressible
         adata = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"dim_{i}" for i in range(512)]))
@@ -79,8 +79,9 @@ if mode == "sequential":
                 n += (x.shape[0] if isinstance(x, zarr.Array) else x.attrs["shape"][0])
         return n
 else:
-    chunk, preload = map(int, mode.split("/"))
-    loader = coll.loader(batch_size=4096, chunk_size=chunk, preload_nchunks=preload, seed=0)
+    chunk, preload, *obs = mode.split("/")
+    keys = {"obs_keys": ["cell_type", "n_counts", "n_genes", "is_doublet"], "batch_key": "donor"} if obs else {}
+    loader = coll.loader(batch_size=4096, chunk_size=int(chunk), preload_nchunks=int(preload), seed=0, **keys)
     def epoch():
         n = 0
         for b in loader:
@@ -155,6 +156,13 @@ def main() -> None:
             share = 100 * r["cells_per_s"] / limit["cells_per_s"]
             print(f"{kind:7s} {f'{chunk}/{preload}':12s} {r['cells_per_s']:10,.0f} {share:7.0f} % "
                   f"{r['peak_rss_gib']:7.2f} GiB", flush=True)  # fmt: skip
+        # obs_keys (4 columns) + batch_key against no obs, measured back to back.
+        plain = _child(_CHILD, "256/32", str(path), str(args.epochs))
+        keyed = _child(_CHILD, "256/32/obs", str(path), str(args.epochs))
+        print(f"{kind:7s} {'256/32+obs':12s} {keyed['cells_per_s']:10,.0f} "
+              f"{100 * keyed['cells_per_s'] / limit['cells_per_s']:7.0f} % {keyed['peak_rss_gib']:7.2f} GiB"
+              f"   ({100 * keyed['cells_per_s'] / plain['cells_per_s']:.0f} % of {plain['cells_per_s']:,.0f} "
+              "without obs, same run)", flush=True)  # fmt: skip
     if not args.no_train and args.only != "dense":
         r = _child(_TRAIN, str(collections["sparse"]), str(args.epochs))
         slower = min(r["model"], r["loader"])
