@@ -4,11 +4,21 @@ from importlib.metadata import version
 
 from . import abc, samplers, types
 from .collection import Collection, CollectionError, DatasetCollection
-from .loader import Loader
 from .preshuffle import InputError
 from .writer import write_sharded
 
 __version__ = version("annbatch")
+
+
+def __getattr__(name: str):
+    # The Loader module imports torch (when installed) to subclass IterableDataset; load it on first use
+    # so `import annbatch` and the CLI stay fast.
+    if name == "Loader":
+        from .loader import Loader
+
+        return Loader
+    raise AttributeError(f"module 'annbatch' has no attribute {name!r}")
+
 
 __all__ = [
     "Collection",

@@ -32,12 +32,10 @@ class ObsTable:
             if isinstance(values.dtype, pd.CategoricalDtype):
                 self.arrays[col] = values.cat.codes.to_numpy().astype(np.int64)
                 self.categories[col] = values.cat.categories
-            elif (
-                pd.api.types.is_bool_dtype(values)
-                or pd.api.types.is_numeric_dtype(values)
-                or strings == "keep"
-            ):
+            elif strings == "keep":  # DataFrame output: any column, as pandas would give it
                 self.arrays[col] = values.to_numpy()
+            elif pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+                self.arrays[col] = _numeric(values, col)
             else:
                 raise TypeError(
                     f"obs column {col!r} holds strings ({values.dtype}); encode it as categories first, "
@@ -57,3 +55,21 @@ class ObsTable:
                 values = pd.Categorical.from_codes(values, categories=self.categories[col])
             out[col] = values
         return pd.DataFrame(out, index=index)
+
+
+def _numeric(values: pd.Series, col: str) -> np.ndarray:
+    """A plain numpy array for a numeric or boolean column, including pandas' nullable dtypes.
+
+    Nullable integers with missing values become float64 with NaN; nullable booleans with missing
+    values have no numpy equivalent and raise.
+    """
+    if not isinstance(values.dtype, pd.api.extensions.ExtensionDtype):
+        return values.to_numpy()
+    if not values.isna().any():
+        return values.to_numpy(dtype=values.dtype.numpy_dtype)
+    if pd.api.types.is_bool_dtype(values):
+        raise TypeError(
+            f"obs column {col!r} is a nullable boolean with missing values, which has no numpy type. Fill "
+            f"them (`.fillna(False)`) or make it categorical (`.astype('category')`; missing values get code -1)."
+        )
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)

@@ -49,6 +49,9 @@ class Staging:
         if names is not None:
             self._apply_journal(names)
         self._remove(STAGING)
+        if self._root is not None:  # zarr's temporary files from a write that was killed midway
+            for leftover in self._root.glob("zarr.*.partial"):
+                leftover.unlink(missing_ok=True)
 
     def discard(self) -> None:
         """Drop everything staged (after a failed or cancelled write)."""

@@ -6,7 +6,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anndata as ad
 import numpy as np
@@ -18,10 +18,12 @@ from annbatch._convert import Target
 from annbatch._staging import Staging
 from annbatch._zarr import quiet_listing, zarrs_pipeline
 from annbatch.abc import Sampler
-from annbatch.loader import Loader
 from annbatch.preshuffle import add_adatas as _add_adatas
 from annbatch.preshuffle._inputs import InputAnnData, InputLike, LoadAdata, _from_store
 from annbatch.writer import CompressorsLike
+
+if TYPE_CHECKING:
+    from annbatch.loader import Loader
 
 __all__ = ["Collection", "DatasetCollection", "CollectionError"]
 
@@ -81,8 +83,10 @@ class Collection:
                     f"{str(path)!r} exists but is not an annbatch collection (no zarr.json). "
                     "Choose a new or empty path; nothing was changed."
                 )
-            zarr_mode = "r" if mode == "r" else ("a" if exists else "w-")
-            self._group = zarr.open_group(path, mode=zarr_mode, zarr_format=3)
+            if exists:
+                self._group = zarr.open_group(path, mode="r" if mode == "r" else "a", zarr_format=3)
+            else:  # created with its attrs in one write: a kill cannot leave an unmarked group
+                self._group = zarr.open_group(path, mode="w-", zarr_format=3, attributes=ENCODING)
             self._check_or_init(exists=exists)
 
     def _check_or_init(self, *, exists: bool) -> None:
@@ -322,6 +326,8 @@ class Collection:
         ``sampler="homogeneous"`` (one ``batch_key`` value per batch) and ``sampler="balanced"``
         (``batch_key`` values drawn uniformly or by ``class_weights``) are shorthands.
         """
+        from annbatch.loader import Loader  # imports torch when installed: only when a loader is made
+
         loader = Loader(
             batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks, shuffle=shuffle,
             drop_last=drop_last, seed=seed, rng=rng, return_index=return_index, to=to, batch_sampler=sampler,

@@ -135,6 +135,7 @@ class Loader(_Base):
                 )
             # Built once the key's codes are known (when data is added).
             self._key_sampler = {"kind": batch_sampler, "batch_size": batch_size, "chunk_size": chunk_size,
+                                 "shuffle": shuffle,
                                  "preload_nchunks": preload_nchunks, "weights": class_weights,
                                  "num_samples": num_samples, "drop_last": drop_last, "rng": rng, "seed": seed}  # fmt: skip
             batch_sampler = None
@@ -257,11 +258,15 @@ class Loader(_Base):
         if len(dtypes) > 1:
             warnings.warn(f"Datasets have different dtypes {sorted(map(str, dtypes))}; promoting to "
                           f"{np.result_type(*dtypes)}.", stacklevel=3)  # fmt: skip
-        self._sampler.validate(sum(b.n_obs for b in everything))  # bad masks etc. fail before any read
-        self._backings = everything
-        self._obs += obs
+        before = (self._backings, self._obs, self._var, self._sampler, self._frame_table, self._key_table)
+        self._backings, self._obs = everything, self._obs + obs
         self._var = var if var is not None else self._var
-        self._prepare_obs()
+        try:
+            self._prepare_obs()  # also builds a batch_key sampler from the codes
+            self._sampler.validate(self.n_obs)  # bad masks, scattered keys etc. fail before any read
+        except BaseException:
+            (self._backings, self._obs, self._var, self._sampler, self._frame_table, self._key_table) = before
+            raise
 
     # -- properties ------------------------------------------------------------------------------------------
     @property
@@ -372,6 +377,7 @@ class Loader(_Base):
         sizes = (spec.pop("batch_size"), spec.pop("chunk_size"), spec.pop("preload_nchunks"))
         if kind == "homogeneous":
             return ClassSampler(classes, *sizes, class_weights=weights, **spec)
+        spec.pop("shuffle")  # weighted draws are random by nature
         return WeightedSampler(classes, *sizes, weights="balanced" if weights is None else weights, **spec)
 
     def _read_obs(self, columns: Sequence[str]) -> pd.DataFrame:

@@ -103,7 +103,7 @@ def write_anndata(
     if n_obs_per_chunk < 1:
         raise ValueError(f"`n_obs_per_chunk` must be at least 1, got {n_obs_per_chunk}.")
     # Small elements are written by anndata unsharded; row-aligned arrays get our own layout below.
-    with zarrs_pipeline(), ad.settings.override(auto_shard_zarr_v3=False):
+    with zarrs_pipeline(), ad.settings.override(auto_shard_zarr_v3=False, allow_write_nullable_strings=True):
         target.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         ad.io.write_elem(target, "obs", obs)
         ad.io.write_elem(target, "var", var)

@@ -75,9 +75,11 @@ def add_adatas(
     )
     opened: list[InputAnnData] = []
     try:
-        for i, item in enumerate(inputs):
-            opened.append(open_input(item, load_adata=load_adata, index=i))
         existing = [collection._open_dataset(name) for name in collection.dataset_keys]
+        # In-memory inputs are named "<AnnData #i>", numbered after those already in the collection.
+        first = _n_anndata_sources(existing)
+        for i, item in enumerate(inputs):
+            opened.append(open_input(item, load_adata=load_adata, index=first + i))
         _run(collection, opened, existing, shuffle=shuffle, rng=rng, dataset_size=dataset_size,
              shuffle_chunk_size=shuffle_chunk_size, groupby=groupby, var_subset=var_subset, join=join,
              merge=merge, limit=limit, progress=progress,
@@ -162,6 +164,12 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
     except BaseException:
         staging.discard()
         raise
+
+
+def _n_anndata_sources(existing: Sequence[InputAnnData]) -> int:
+    if not existing:
+        return 0
+    return sum(str(c).startswith("<AnnData #") for c in existing[0].obs["src_path"].cat.categories)
 
 
 def _same_categories(obs: pd.DataFrame, schema: dict[str, pd.CategoricalDtype]) -> bool:

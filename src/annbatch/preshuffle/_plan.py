@@ -180,8 +180,17 @@ def _merge_var(inputs: Sequence[InputAnnData], names: pd.Index, merge) -> pd.Dat
     for col in disagree:
         del columns[col]
     for col, values in columns.items():
+        columns[col] = _restore_dtype(values, [inp.var[col] for inp in inputs if col in inp.var.columns])
+    for col, values in columns.items():
         var[col] = values
     return var
+
+
+def _restore_dtype(values: pd.Series, originals: list[pd.Series]) -> pd.Series:
+    """Undo the object dtype that reindexing to the union introduces (bool columns stay bool)."""
+    if all(pd.api.types.is_bool_dtype(o) for o in originals):
+        return values.astype(bool) if values.notna().all() else values.astype("boolean")
+    return values.infer_objects()
 
 
 def plan_elements(

@@ -1,0 +1,136 @@
+"""The ``annbatch`` command line: convert, info, demo, and errors with exit code 2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import pytest
+
+from annbatch import Collection
+from annbatch.cli import main
+
+
+def _names(paths) -> set[str]:
+    return {n for p in paths for n in ad.read_h5ad(p, backed="r").obs_names}
+
+
+def test_convert_and_info(tmp_path, h5ad_files, capsys):
+    out = tmp_path / "out.zarr"
+    rc = main(["convert", str(h5ad_files[0]), str(h5ad_files[1]), "-o", str(out), "--seed", "0",
+               "--dataset-size", "300", "--shuffle-chunk-size", "50"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "950 obs" in printed and "datasets" in printed
+
+    coll = Collection(out, mode="r")
+    assert coll.n_obs == 950
+    assert len(coll) >= 3  # 300 rows per dataset
+    assert set(coll.obs([]).index) == _names(h5ad_files[:2])
+    assert set(coll.obs(["src_path"])["src_path"].astype(str)) == {str(p) for p in h5ad_files[:2]}
+
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert f"{len(coll)} datasets" in info
+    assert "950 obs" in info and f"{coll.n_vars} vars" in info
+    assert "src_path" in info  # obs columns are listed
+
+    # Converting into an existing collection appends.
+    with pytest.warns(UserWarning, match="dropped"):  # genes of the new file outside the collection
+        assert (
+            main(["convert", str(h5ad_files[2]), "-o", str(out), "--seed", "1", "--dataset-size", "2000"])
+            == 0
+        )
+    assert Collection(out).n_obs == 1650
+
+
+def test_convert_options(tmp_path, h5ad_files, capsys):
+    out = tmp_path / "grouped.zarr"
+    rc = main(["convert", *map(str, h5ad_files), "-o", str(out), "--groupby", "donor", "--join", "inner",
+               "--no-shuffle", "--dataset-size", "2000", "--shard-size", "1MB", "--n-obs-per-chunk", "32"])  # fmt: skip
+    assert rc == 0
+    coll = Collection(out, mode="r")
+    assert coll.n_vars == 120  # shared genes only
+    for g in coll:
+        codes = ad.io.read_elem(g["obs"])["donor"].cat.codes.to_numpy()
+        assert (codes[1:] >= codes[:-1]).all()
+        assert g["obsm/X_pca"].chunks[0] == 32
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["convert", "{tmp}/missing.h5ad", "-o", "{tmp}/out.zarr"], "missing.h5ad"),
+        (["convert", "{csc}", "-o", "{tmp}/out.zarr"], "tocsr"),
+        (["convert", "{good}", "-o", "{tmp}/out.zarr", "--dataset-size", "lots"], "dataset_size"),
+        (["convert", "{good}", "-o", "{tmp}/out.zarr", "--groupby", "nope"], "nope"),
+        (["info", "{tmp}/missing.zarr"], "No collection"),
+        (["info", "{tmp}/plain"], "not an annbatch collection"),
+    ],
+)
+def test_errors_exit_2(tmp_path, h5ad_files, capsys, argv, message):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("x")
+    csc = ad.read_h5ad(h5ad_files[0])
+    csc.X = csc.X.tocsc()
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    fmt = {"tmp": tmp_path, "csc": tmp_path / "csc.h5ad", "good": h5ad_files[0]}
+    rc = main([a.format(**fmt) for a in argv])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"annbatch {argv[0]}: error: ")
+    assert message in err[0]
+    out = tmp_path / "out.zarr"
+    if out.exists():
+        assert not [p for p in out.iterdir() if p.name.startswith("dataset_")]
+
+
+def test_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["convert", "a.h5ad"])  # no -o
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    assert "usage" in capsys.readouterr().err
+
+
+def test_demo(tmp_path, capsys):
+    rc = main(
+        ["demo", "--output", str(tmp_path / "demo"), "--n-obs", "500", "--n-vars", "200", "--n-files", "2"]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "1,000 obs" in printed
+    coll = Collection(tmp_path / "demo" / "demo.zarr", mode="r")
+    assert coll.n_obs == 1000
+    assert coll.n_vars >= 200
+    obs = coll.obs(["donor", "src_path"])
+    assert obs["src_path"].nunique() == 2
+    for g in coll:  # the demo groups by donor
+        codes = ad.io.read_elem(g["obs"])["donor"].cat.codes.to_numpy()
+        assert (codes[1:] >= codes[:-1]).all()
+
+
+def _console_script() -> str:
+    script = Path(sys.executable).parent / ("annbatch.exe" if os.name == "nt" else "annbatch")
+    return str(script) if script.exists() else shutil.which("annbatch")
+
+
+def test_console_script(tmp_path, h5ad_files):
+    exe = _console_script()
+    assert exe, "the `annbatch` console script is not installed"
+    out = tmp_path / "out.zarr"
+    done = subprocess.run(
+        [exe, "convert", str(h5ad_files[0]), "-o", str(out), "--seed", "0", "--dataset-size", "300",
+         "--shuffle-chunk-size", "50"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "400 obs" in done.stdout and "2 datasets" in done.stdout
+    assert Collection(out, mode="r").n_obs == 400
