@@ -41,7 +41,8 @@ class BufferPool:
             fits = [i for i, b in enumerate(self._free) if b.nbytes >= nbytes]
             if fits:
                 return self._free.pop(min(fits, key=lambda i: self._free[i].nbytes))
-        return np.empty(-(-nbytes // _ALIGN) * _ALIGN, dtype=np.uint8)
+        # Headroom, so the block also fits the next loads, whose sizes vary by a few percent.
+        return np.empty(-(-int(nbytes * 1.1) // _ALIGN) * _ALIGN, dtype=np.uint8)
 
     def _give(self, block: np.ndarray) -> None:
         with self._lock:

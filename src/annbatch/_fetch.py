@@ -27,7 +27,7 @@ from zarr.core.sync import sync
 
 from annbatch._backing import Backing
 from annbatch._csr import scatter_chunk
-from annbatch._shards import ShardedReader
+from annbatch._shards import ShardedReader, run_raw_reads
 
 Range = tuple[int, int, int]  # (dataset, local start, local stop)
 
@@ -93,14 +93,19 @@ class Fetcher:
     # -- reading --------------------------------------------------------------------------------------------
     def read_dense(self, ranges: Sequence[Range], dest: np.ndarray, out: np.ndarray) -> None:
         """Row ``i`` of the ranges (in order) goes to ``out[dest[i]]`` (skipped when ``dest[i] < 0``)."""
-        tasks, fallback, pos = [], [], 0
+        tasks, fallback, raw, pos = [], [], {}, 0
         for d, lo, hi in ranges:
             source, rows_dest = self._backings[d].array, dest[pos : pos + hi - lo]
             pos += hi - lo
-            if isinstance(source, ShardedReader):
+            if isinstance(source, ShardedReader) and not source.compressed and source.dtype == out.dtype:
+                raw.setdefault(id(source), (source, []))[1].append((lo, hi, rows_dest))
+            elif isinstance(source, ShardedReader):
                 tasks.append((_place_dense_chunks, source, lo, hi, rows_dest, out))
             else:
                 fallback.append((source, lo, hi, rows_dest))
+        calls = [call for source, parts in raw.values() for call in source.plan_raw_reads(parts, out)]
+        n_workers = os.cpu_count() or 2
+        tasks += [(run_raw_reads, calls[i::n_workers]) for i in range(min(n_workers, len(calls)))]
         for *_, rows_dest, part in _read_ranges(fallback, out.dtype):
             valid = rows_dest >= 0
             out[rows_dest[valid]] = part[valid]
@@ -137,9 +142,6 @@ def _place_dense_chunks(
         c0 = k * source.chunk_len
         a, b = max(lo, c0), min(hi, c0 + source.chunk_len)
         dest = rows_dest[a - lo : b - lo]
-        if not source.compressed and source.dtype == out.dtype and (dest >= 0).all():
-            source.read_rows_into(k, a - c0, [memoryview(out[r]).cast("B") for r in dest])
-            continue
         valid = dest >= 0
         out[dest[valid]] = source.decode(k)[a - c0 : b - c0][valid]
 

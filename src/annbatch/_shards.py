@@ -11,6 +11,7 @@ through zarr.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from pathlib import Path
@@ -116,26 +117,72 @@ class ShardedReader:
             buf[got // self.dtype.itemsize :] = self._fill
         return buf.reshape(-1, *self.shape[1:])
 
-    def read_rows_into(self, k: int, lo: int, views: list) -> None:
-        """Raw (uncompressed) rows ``lo, lo + 1, …`` of chunk ``k`` into one writable view each.
+    def plan_raw_reads(self, ranges: list[tuple[int, int, np.ndarray]], out: np.ndarray) -> list[tuple]:
+        """Vectored reads placing raw (uncompressed) rows straight at their destinations.
 
-        One vectored read places every row straight at its destination, so the read does the shuffle.
+        ``ranges`` holds ``(lo, hi, dest)``: rows ``lo:hi`` go to ``out[dest[i]]`` (``dest[i] < 0``:
+        discarded). Returns ``preadv`` calls ``(fd, iovecs, file_offset)`` to run with :func:`run_raw_read`:
+        rows that follow each other in a shard file share one call, so the read itself does the shuffle
+        with a single copy. The iovec table is built with numpy and handed to libc through ctypes:
+        Python's ``os.preadv`` would need one buffer object per row.
         """
-        fd, index = self._shard(k // self._per_shard)
-        offset = index[k % self._per_shard][0]
         row_bytes = self._row_items * self.dtype.itemsize
-        if offset == _MISSING:
-            for view in views:
-                np.frombuffer(view, dtype=self.dtype)[...] = self._fill
-            return
-        got = os.preadv(fd, views, int(offset) + lo * row_bytes)
-        if got != len(views) * row_bytes:
-            raise OSError(
-                f"Short read from a shard of {self._root}: {got} of {len(views) * row_bytes} bytes."
+        rows = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi, _ in ranges])
+        dest = np.concatenate([d for *_, d in ranges]).astype(np.int64)
+        chunk = rows // self._chunk_rows
+        shard, slot = chunk // self._per_shard, chunk % self._per_shard
+        chunk_offset = np.empty(len(rows), dtype=np.uint64)
+        fds = np.empty(len(rows), dtype=np.int64)
+        for s in np.unique(shard):
+            fd, index = self._shard(int(s))
+            here = shard == s
+            chunk_offset[here], fds[here] = index[slot[here], 0], fd
+        missing = chunk_offset == _MISSING
+        if missing.any():  # chunks a writer skipped hold the fill value
+            out[dest[missing & (dest >= 0)]] = self._fill
+            rows, dest, chunk, fds, chunk_offset = (
+                a[~missing] for a in (rows, dest, chunk, fds, chunk_offset)
             )
+        file_offset = chunk_offset.astype(np.int64) + (rows - chunk * self._chunk_rows) * row_bytes
+        iov = np.empty((len(rows), 2), dtype=np.uint64)
+        sink = _sink(row_bytes)  # discarded rows land here
+        iov[:, 0] = np.where(dest >= 0, out.ctypes.data + np.maximum(dest, 0) * row_bytes, sink.ctypes.data)
+        iov[:, 1] = row_bytes
+        breaks = np.flatnonzero((np.diff(file_offset) != row_bytes) | (np.diff(fds) != 0)) + 1
+        starts = np.concatenate([[0], breaks])
+        stops = np.concatenate([breaks, [len(rows)]])
+        calls = []
+        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+            for s in range(a, b, _IOV_MAX):
+                calls.append((int(fds[s]), iov[s : min(b, s + _IOV_MAX)], int(file_offset[s])))
+        return calls
+
+
+def run_raw_reads(calls: list[tuple]) -> None:
+    """Run ``preadv`` calls planned by :meth:`ShardedReader.plan_raw_reads`."""
+    for fd, iov, offset in calls:
+        want = int(iov[:, 1].sum())
+        got = _libc.preadv(fd, iov.ctypes.data, len(iov), offset)  # ctypes drops the GIL for the call
+        if got != want:
+            err = ctypes.get_errno() if got < 0 else 0
+            raise OSError(err, f"Short read from a shard: {got} of {want} bytes ({os.strerror(err)})")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong]
+_libc.preadv.restype = ctypes.c_ssize_t
+_IOV_MAX = 1024
 
 
 _local = threading.local()
+_sinks: dict[int, np.ndarray] = {}
+
+
+def _sink(nbytes: int) -> np.ndarray:
+    """A shared, never-freed buffer for rows that are read but not used (its content is meaningless)."""
+    if nbytes not in _sinks:
+        _sinks[nbytes] = np.empty(nbytes, dtype=np.uint8)
+    return _sinks[nbytes]
 
 
 def _scratch(n: int, dtype: np.dtype) -> np.ndarray:
