@@ -119,3 +119,12 @@ def _iter_loads(
             request["carry"] = rest
         carried = len(rest)
         yield request
+
+
+def _take_rows(starts: np.ndarray, lengths: np.ndarray, budget: int) -> list[slice]:
+    """The first chunks (``starts``, ``lengths``, in order) that hold ``budget`` rows, the last one shortened."""
+    n_used = int(np.searchsorted(np.cumsum(lengths), budget, side="left")) + 1
+    starts = starts[:n_used]
+    stops = starts + lengths[:n_used]
+    stops[-1] -= int(lengths[:n_used].sum()) - budget
+    return [slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from annbatch.abc import Sampler
+from annbatch.samplers._base import _ChunkedSampler
 from annbatch.samplers._chunks import _merge_slices
-from annbatch.samplers._random import RandomSampler, _check_mask, _check_positive_int
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -167,8 +166,8 @@ def _cut_stream(
     return piece_start, piece_start + (b - a), a // load_rows
 
 
-class _LabelledSampler(Sampler):
-    """Common settings, validation and chunk bookkeeping of the label-keyed samplers."""
+class _LabelledSampler(_ChunkedSampler):
+    """Labels, label validation and chunk bookkeeping of the label-keyed samplers."""
 
     def __init__(
         self,
@@ -183,38 +182,20 @@ class _LabelledSampler(Sampler):
         rng: np.random.Generator | None,
         seed: int | None,
     ) -> None:
-        self._batch_size = _check_positive_int("batch_size", batch_size)
-        self._chunk_size = _check_positive_int("chunk_size", chunk_size)
-        self._preload_nchunks = _check_positive_int("preload_nchunks", preload_nchunks)
-        if self._batch_size > self._chunk_size * self._preload_nchunks:
-            raise ValueError(
-                f"batch_size ({batch_size}) must not exceed chunk_size * preload_nchunks "
-                f"({chunk_size} * {preload_nchunks} = {chunk_size * preload_nchunks}), the rows held "
-                "per load; increase preload_nchunks or chunk_size, or reduce batch_size"
-            )
         self._codes, self._categories = _encode_classes(classes)
-        self._mask = _check_mask(mask)
-        self._num_samples = None if num_samples is None else _check_positive_int("num_samples", num_samples)
-        self._drop_last = bool(drop_last)
-        self._seed = RandomSampler._base_seed(rng, seed)
+        super().__init__(
+            batch_size,
+            chunk_size,
+            preload_nchunks,
+            mask=mask,
+            num_samples=num_samples,
+            drop_last=drop_last,
+            rng=rng,
+            seed=seed,
+        )
         self._cache: tuple[int, _Chunks] | None = None
 
     # -- properties -------------------------------------------------------------------------
-    @property
-    def batch_size(self) -> int:
-        """Rows per mini-batch."""
-        return self._batch_size
-
-    @property
-    def chunk_size(self) -> int:
-        """Most contiguous rows per chunk."""
-        return self._chunk_size
-
-    @property
-    def preload_nchunks(self) -> int:
-        """Chunks (of ``chunk_size`` rows) per load."""
-        return self._preload_nchunks
-
     @property
     def categories(self) -> pd.Index:
         """The labels; code ``i`` of :attr:`codes` stands for ``categories[i]``."""
@@ -225,35 +206,10 @@ class _LabelledSampler(Sampler):
         """Label code of every row; ``-1`` marks a missing label."""
         return self._codes
 
-    @property
-    def mask(self) -> slice | None:
-        """Range of rows sampled from; ``None`` means every row."""
-        return self._mask
-
-    @property
-    def num_samples(self) -> int | None:
-        """Rows per epoch as given; ``None`` means the default."""
-        return self._num_samples
-
-    @property
-    def drop_last(self) -> bool:
-        """Whether partial batches are dropped."""
-        return self._drop_last
-
-    @property
-    def seed(self) -> int:
-        """Base seed from which every epoch's and worker's randomness is derived."""
-        return self._seed
-
     # -- helpers -----------------------------------------------------------------------------
-    def _bounds(self, n_obs: int) -> tuple[int, int]:
-        mask = self._mask or slice(None)
-        start = 0 if mask.start is None else mask.start
-        stop = n_obs if mask.stop is None else mask.stop
-        return start, stop
-
-    def _rng(self, *stream: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(self._epoch, *stream)))
+    def _labels_repr(self) -> str:
+        """The ``<N labels, M categories>`` part of ``repr``."""
+        return f"<{len(self._codes)} labels, {len(self._categories)} categories>"
 
     def _chunks(self, n_obs: int) -> _Chunks:
         if self._cache is None or self._cache[0] != n_obs:
@@ -261,6 +217,10 @@ class _LabelledSampler(Sampler):
             chunks = _build_chunks(self._codes, start, stop, self._chunk_size, len(self._categories))
             self._cache = (n_obs, chunks)
         return self._cache[1]
+
+    def _total(self, n_obs: int) -> int:
+        """Rows of the epoch over all workers: ``num_samples``, else every labelled row in the mask."""
+        return int(self._chunks(n_obs).rows.sum()) if self._num_samples is None else self._num_samples
 
     def _weights(self, chunks: _Chunks) -> np.ndarray | None:
         """Per-category weights of the drawn (weighted) mode, or ``None`` for the exactly-once mode."""
@@ -273,6 +233,13 @@ class _LabelledSampler(Sampler):
         """Categories that can be sampled."""
         weights = self._weights(chunks)
         return chunks.rows > 0 if weights is None else weights > 0
+
+    def _check_n_obs(self, n_obs: int) -> None:
+        if len(self._codes) != n_obs:
+            raise ValueError(
+                f"classes holds {len(self._codes)} labels but the collection has {n_obs} rows; pass one "
+                "label per row of the whole collection (e.g. collection.obs(columns=[key])[key])"
+            )
 
     def validate(self, n_obs: int) -> None:
         """Check the labels, ``mask``, weights and run lengths against ``n_obs`` rows.
@@ -289,20 +256,7 @@ class _LabelledSampler(Sampler):
             row in the mask has a label, a label with a positive weight has no row in the mask,
             or the runs of some labels are too short for ``chunk_size`` (the message names them).
         """
-        if isinstance(n_obs, bool) or not isinstance(n_obs, int | np.integer) or n_obs < 1:
-            raise ValueError(f"n_obs must be a positive integer (the collection has no rows?), got {n_obs!r}")
-        if len(self._codes) != n_obs:
-            raise ValueError(
-                f"classes holds {len(self._codes)} labels but the collection has {n_obs} rows; pass one "
-                "label per row of the whole collection (e.g. collection.obs(columns=[key])[key])"
-            )
-        start, stop = self._bounds(n_obs)
-        if stop > n_obs or start > n_obs:
-            raise ValueError(
-                f"mask {self._mask} lies outside the {n_obs} rows; use a slice within [0, {n_obs}]"
-            )
-        if stop <= start:
-            raise ValueError(f"mask {self._mask} selects no rows of {n_obs}; use a slice with start < stop")
+        super().validate(n_obs)
         chunks = self._chunks(n_obs)
         if chunks.rows.sum() == 0:
             raise ValueError(f"no row in mask {self._mask} has a label (all are missing); nothing to sample")
@@ -458,9 +412,8 @@ class ClassSampler(_LabelledSampler):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(<{len(self._codes)} labels, {len(self._categories)} categories>, "
-            f"batch_size={self._batch_size}, chunk_size={self._chunk_size}, "
-            f"preload_nchunks={self._preload_nchunks}, weighted={self._class_weights is not None}, "
+            f"{type(self).__name__}({self._labels_repr()}, {self._sizes_repr()}, "
+            f"weighted={self._class_weights is not None}, "
             f"num_samples={self._num_samples}, mask={self._mask}, drop_last={self._drop_last}, "
             f"shuffle={self._shuffle}, seed={self._seed})"
         )
@@ -495,13 +448,14 @@ class ClassSampler(_LabelledSampler):
             return chunks.rows.astype(np.float64)
         return None
 
-    def _class_rows(self, chunks: _Chunks) -> np.ndarray:
+    def _class_rows(self, n_obs: int) -> np.ndarray:
         """Rows each label contributes to this epoch (all workers)."""
         bs = self._batch_size
+        chunks = self._chunks(n_obs)
         weights = self._weights(chunks)
         if weights is None:
             return chunks.rows // bs * bs if self._drop_last else chunks.rows.copy()
-        total = int(chunks.rows.sum()) if self._num_samples is None else self._num_samples
+        total = self._total(n_obs)
         n_batches = total // bs if self._drop_last else -(-total // bs)
         rng = self._rng(_COUNTS_STREAM)
         counts = rng.multinomial(n_batches, weights / weights.sum()).astype(np.int64)
@@ -516,7 +470,7 @@ class ClassSampler(_LabelledSampler):
         """Chunks, rows per label, rows per load (loads grouped by label) and the epoch's load order."""
         self.validate(n_obs)
         chunks = self._chunks(n_obs)
-        class_rows = self._class_rows(chunks)
+        class_rows = self._class_rows(n_obs)
         n_loads = -(-class_rows // self._load_rows)
         load_class = np.repeat(np.arange(len(class_rows)), n_loads)
         k = np.arange(len(load_class), dtype=np.int64) - np.repeat(np.cumsum(n_loads) - n_loads, n_loads)

@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from annbatch.abc import Sampler
-from annbatch.samplers._chunks import _iter_loads, _n_batches, _worker_rows
+from annbatch.samplers._base import _ChunkedSampler
+from annbatch.samplers._chunks import _take_rows
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -23,32 +23,7 @@ _EPOCH_STREAM = 1
 _WORKER_STREAM = 2
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _check_mask(mask: slice | None) -> slice | None:
-    if mask is None:
-        return None
-    if not isinstance(mask, slice):
-        raise ValueError(f"mask must be a slice of rows such as slice(0, 1000) or None, got {mask!r}")
-    if mask.step not in (None, 1):
-        raise ValueError(f"mask must be a contiguous slice without a step, got step={mask.step!r}")
-    for bound in (mask.start, mask.stop):
-        if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int | np.integer)):
-            raise ValueError(f"mask bounds must be integers or None, got {mask!r}")
-        if bound is not None and bound < 0:
-            raise ValueError(f"mask bounds must be non-negative (no negative indexing), got {mask!r}")
-    if mask.start is not None and mask.stop is not None and mask.stop <= mask.start:
-        raise ValueError(f"mask selects no rows: {mask!r}; use a slice with start < stop")
-    return slice(
-        None if mask.start is None else int(mask.start), None if mask.stop is None else int(mask.stop)
-    )
-
-
-class RandomSampler(Sampler):
+class RandomSampler(_ChunkedSampler):
     """Loads contiguous chunks of rows in random order and shuffles rows within each load.
 
     The rows in ``mask`` are cut into chunks of ``chunk_size`` contiguous rows (the last may be
@@ -106,51 +81,27 @@ class RandomSampler(Sampler):
         rng: np.random.Generator | None = None,
         seed: int | None = None,
     ) -> None:
-        self._batch_size = _check_positive_int("batch_size", batch_size)
-        self._chunk_size = _check_positive_int("chunk_size", chunk_size)
-        self._preload_nchunks = _check_positive_int("preload_nchunks", preload_nchunks)
-        if self._batch_size > self._chunk_size * self._preload_nchunks:
-            raise ValueError(
-                f"batch_size ({batch_size}) must not exceed chunk_size * preload_nchunks "
-                f"({chunk_size} * {preload_nchunks} = {chunk_size * preload_nchunks}), the rows held "
-                "per load; increase preload_nchunks or chunk_size, or reduce batch_size"
-            )
-        self._mask = _check_mask(mask)
         self._shuffle = bool(shuffle)
         self._replacement = bool(replacement)
         if self._replacement and not self._shuffle:
             raise ValueError("replacement=True draws chunks at random and needs shuffle=True")
-        self._num_samples = None if num_samples is None else _check_positive_int("num_samples", num_samples)
-        self._drop_last = bool(drop_last)
-        self._seed = self._base_seed(rng, seed)
-
-    @staticmethod
-    def _base_seed(rng: np.random.Generator | None, seed: int | None) -> int:
-        if rng is not None and seed is not None:
-            raise ValueError("pass either seed or rng, not both")
-        if rng is not None:
-            if not isinstance(rng, np.random.Generator):
-                raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-            return int(rng.integers(0, 2**63))
-        if seed is None:
-            # fixed now so that copies sent to worker processes share it
-            return int(np.random.SeedSequence().entropy)
-        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        return int(seed)
+        super().__init__(
+            batch_size,
+            chunk_size,
+            preload_nchunks,
+            mask=mask,
+            num_samples=num_samples,
+            drop_last=drop_last,
+            rng=rng,
+            seed=seed,
+        )
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(batch_size={self._batch_size}, chunk_size={self._chunk_size}, "
-            f"preload_nchunks={self._preload_nchunks}, shuffle={self._shuffle}, mask={self._mask}, "
+            f"{type(self).__name__}({self._sizes_repr()}, shuffle={self._shuffle}, mask={self._mask}, "
             f"replacement={self._replacement}, num_samples={self._num_samples}, "
             f"drop_last={self._drop_last}, seed={self._seed})"
         )
-
-    @property
-    def batch_size(self) -> int:
-        """Rows per mini-batch."""
-        return self._batch_size
 
     @property
     def shuffle(self) -> bool:
@@ -158,54 +109,9 @@ class RandomSampler(Sampler):
         return self._shuffle
 
     @property
-    def chunk_size(self) -> int:
-        """Contiguous rows per read."""
-        return self._chunk_size
-
-    @property
-    def preload_nchunks(self) -> int:
-        """Chunks per load."""
-        return self._preload_nchunks
-
-    @property
-    def mask(self) -> slice | None:
-        """Range of rows sampled from; ``None`` means every row."""
-        return self._mask
-
-    @property
     def replacement(self) -> bool:
         """Whether chunks are drawn with replacement."""
         return self._replacement
-
-    @property
-    def num_samples(self) -> int | None:
-        """Rows per epoch as given; ``None`` means every row in the mask."""
-        return self._num_samples
-
-    @property
-    def drop_last(self) -> bool:
-        """Whether the final partial batch is dropped."""
-        return self._drop_last
-
-    @property
-    def seed(self) -> int:
-        """Base seed from which every epoch's and worker's randomness is derived."""
-        return self._seed
-
-    @property
-    def max_load_rows(self) -> int:
-        """Upper bound on the loaded rows (carried plus new) of any one request."""
-        return self._batch_size - 1 + self._chunk_size * self._preload_nchunks
-
-    def _bounds(self, n_obs: int) -> tuple[int, int]:
-        mask = self._mask or slice(None)
-        start = 0 if mask.start is None else mask.start
-        stop = n_obs if mask.stop is None else mask.stop
-        return start, stop
-
-    def _total(self, n_obs: int) -> int:
-        start, stop = self._bounds(n_obs)
-        return stop - start if self._num_samples is None else self._num_samples
 
     def validate(self, n_obs: int) -> None:
         """Check ``mask`` and ``num_samples`` against ``n_obs`` rows.
@@ -221,40 +127,13 @@ class RandomSampler(Sampler):
             If there are no rows, the mask reaches past ``n_obs`` or selects nothing, or
             ``num_samples`` exceeds the masked rows without replacement.
         """
-        if isinstance(n_obs, bool) or not isinstance(n_obs, int | np.integer) or n_obs < 1:
-            raise ValueError(f"n_obs must be a positive integer (the collection has no rows?), got {n_obs!r}")
+        super().validate(n_obs)
         start, stop = self._bounds(n_obs)
-        if stop > n_obs or start > n_obs:
-            raise ValueError(
-                f"mask {self._mask} lies outside the {n_obs} rows; use a slice within [0, {n_obs}]"
-            )
-        if stop <= start:
-            raise ValueError(f"mask {self._mask} selects no rows of {n_obs}; use a slice with start < stop")
         if not self._replacement and self._num_samples is not None and self._num_samples > stop - start:
             raise ValueError(
                 f"num_samples ({self._num_samples}) exceeds the {stop - start} rows in mask without "
                 "replacement; reduce num_samples or pass replacement=True"
             )
-
-    def n_iters(self, n_obs: int) -> int:
-        """Number of mini-batches :meth:`sample` yields for the current epoch and worker.
-
-        Parameters
-        ----------
-        n_obs
-            Number of rows in the collection.
-
-        Returns
-        -------
-        int
-            The number of mini-batches.
-        """
-        self.validate(n_obs)
-        rows = _worker_rows(self._total(n_obs), self._chunk_size, self._worker_id, self._num_workers)
-        return _n_batches(rows, self._batch_size, self._drop_last)
-
-    def _rng(self, *stream: int) -> np.random.Generator:
-        return np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(self._epoch, *stream)))
 
     def _worker_chunks(self, n_obs: int, worker_rng: np.random.Generator) -> list[slice]:
         """Chunks of the current worker, in reading order, holding exactly its share of the epoch's rows."""
@@ -262,7 +141,7 @@ class RandomSampler(Sampler):
         cs = self._chunk_size
         n_chunks = -(-(stop - start) // cs)
         last_len = (stop - start) - (n_chunks - 1) * cs
-        budget = _worker_rows(self._total(n_obs), cs, self._worker_id, self._num_workers)
+        budget = self._worker_budget(n_obs)
         if budget == 0:
             return []
         if self._replacement:
@@ -271,11 +150,7 @@ class RandomSampler(Sampler):
             ids = self._chunk_order(n_chunks)[self._worker_id :: self._num_workers]
         lengths = np.where(ids == n_chunks - 1, last_len, cs)
         # keep the chunks needed to fill the budget, shortening the last one
-        n_used = int(np.searchsorted(np.cumsum(lengths), budget, side="left")) + 1
-        starts = start + ids[:n_used].astype(np.int64) * cs
-        stops = starts + lengths[:n_used]
-        stops[-1] -= int(lengths[:n_used].sum()) - budget
-        return [slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
+        return _take_rows(start + ids.astype(np.int64) * cs, lengths, budget)
 
     def _chunk_order(self, n_chunks: int) -> np.ndarray:
         """Order of all chunks for this epoch, identical in every worker."""
@@ -317,13 +192,7 @@ class RandomSampler(Sampler):
         self.validate(n_obs)
         worker_rng = self._rng(_WORKER_STREAM, self._worker_id)
         chunks = self._worker_chunks(n_obs, worker_rng)
-        yield from _iter_loads(
-            chunks,
-            batch_size=self._batch_size,
-            preload_nchunks=self._preload_nchunks,
-            drop_last=self._drop_last,
-            rng=worker_rng if self._shuffle else None,
-        )
+        yield from self._load_requests(chunks, worker_rng if self._shuffle else None)
 
     def _restricted(self, mask: slice, num_samples: int | None) -> RandomSampler:
         """A copy sampling only ``mask``, with the same seed, epoch and worker settings."""
@@ -367,7 +236,4 @@ class SequentialSampler(RandomSampler):
         )
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(batch_size={self._batch_size}, chunk_size={self._chunk_size}, "
-            f"preload_nchunks={self._preload_nchunks}, mask={self._mask}, drop_last={self._drop_last})"
-        )
+        return f"{type(self).__name__}({self._sizes_repr()}, mask={self._mask}, drop_last={self._drop_last})"

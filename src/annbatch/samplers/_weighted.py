@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from annbatch.samplers._chunks import _iter_loads, _n_batches, _worker_rows
+from annbatch.samplers._chunks import _take_rows
 from annbatch.samplers._class import _WORKER_STREAM, _Chunks, _LabelledSampler, _resolve_weights
 
 if TYPE_CHECKING:
@@ -127,9 +127,7 @@ class WeightedSampler(_LabelledSampler):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(<{len(self._codes)} labels, {len(self._categories)} categories>, "
-            f"batch_size={self._batch_size}, chunk_size={self._chunk_size}, "
-            f"preload_nchunks={self._preload_nchunks}, "
+            f"{type(self).__name__}({self._labels_repr()}, {self._sizes_repr()}, "
             f"weights={'balanced' if self._given is None else 'given'}, num_samples={self._num_samples}, "
             f"mask={self._mask}, drop_last={self._drop_last}, seed={self._seed})"
         )
@@ -144,18 +142,10 @@ class WeightedSampler(_LabelledSampler):
         """Weights aligned with :attr:`categories` as given; ``None`` for ``"balanced"``."""
         return None if self._given is None else self._given.copy()
 
-    @property
-    def max_load_rows(self) -> int:
-        """Upper bound on the loaded rows (carried plus new) of any one request."""
-        return self._batch_size - 1 + self._chunk_size * self._preload_nchunks
-
     def _weights(self, chunks: _Chunks) -> np.ndarray:
         if self._given is None:
             return (chunks.rows > 0).astype(np.float64)
         return self._given
-
-    def _total(self, chunks: _Chunks) -> int:
-        return int(chunks.rows.sum()) if self._num_samples is None else self._num_samples
 
     def probabilities(self, n_obs: int) -> pd.Series:
         """Expected share of the drawn rows per label, for ``n_obs`` rows.
@@ -175,24 +165,6 @@ class WeightedSampler(_LabelledSampler):
         self.validate(n_obs)
         w = self._weights(self._chunks(n_obs))
         return pd.Series(w / w.sum(), index=self._categories)
-
-    def n_iters(self, n_obs: int) -> int:
-        """Number of mini-batches :meth:`sample` yields for the current epoch and worker.
-
-        Parameters
-        ----------
-        n_obs
-            Number of rows in the collection.
-
-        Returns
-        -------
-        int
-            The number of mini-batches.
-        """
-        self.validate(n_obs)
-        total = self._total(self._chunks(n_obs))
-        rows = _worker_rows(total, self._chunk_size, self._worker_id, self._num_workers)
-        return _n_batches(rows, self._batch_size, self._drop_last)
 
     def _draw_chunks(self, chunks: _Chunks, budget: int, rng: np.random.Generator) -> list[slice]:
         """Chunks drawn with replacement until ``budget`` rows, the last one truncated."""
@@ -218,12 +190,7 @@ class WeightedSampler(_LabelledSampler):
             drawn.append(ids)
             got += int(chunks.length[ids].sum())
         ids = np.concatenate(drawn)
-        lengths = chunks.length[ids]
-        n_used = int(np.searchsorted(np.cumsum(lengths), budget, side="left")) + 1
-        starts = chunks.start[ids[:n_used]]
-        stops = starts + lengths[:n_used]
-        stops[-1] -= int(lengths[:n_used].sum()) - budget
-        return [slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
+        return _take_rows(chunks.start[ids], chunks.length[ids], budget)
 
     def sample(self, n_obs: int) -> Iterator[LoadRequest]:
         """Yield this worker's load requests for the current epoch.
@@ -240,15 +207,8 @@ class WeightedSampler(_LabelledSampler):
             previous); every request has at least one split; partial batches are carried.
         """
         self.validate(n_obs)
-        chunks = self._chunks(n_obs)
-        budget = _worker_rows(self._total(chunks), self._chunk_size, self._worker_id, self._num_workers)
+        budget = self._worker_budget(n_obs)
         if budget == 0:
             return
         rng = self._rng(_WORKER_STREAM, self._worker_id)
-        yield from _iter_loads(
-            self._draw_chunks(chunks, budget, rng),
-            batch_size=self._batch_size,
-            preload_nchunks=self._preload_nchunks,
-            drop_last=self._drop_last,
-            rng=rng,
-        )
+        yield from self._load_requests(self._draw_chunks(self._chunks(n_obs), budget, rng), rng)
