@@ -3,12 +3,18 @@
 Rows carried over from the previous load (a partial batch) are copied into the new layout; the new
 rows are read straight into their places, so a batch is a contiguous slice of the load buffer and
 costs no gather.
+
+Loads are pipelined: :meth:`Assembler.submit` plans a load and starts its reads on the fetcher's
+threads, and :meth:`Assembler.collect` waits for it and cuts it into batches. Submitting load ``n + 1``
+before collecting load ``n`` keeps the read threads busy while Python plans and hands out batches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 
 from annbatch._buffers import BufferPool
@@ -26,21 +32,38 @@ class Batch:
     rows: np.ndarray
 
 
+@dataclass
+class PendingLoad:
+    """A submitted load: its buffer and layout, and the reads still filling it."""
+
+    layout: LoadLayout
+    x: np.ndarray | RawCSR
+    rows: np.ndarray  # global row id of every output row
+    reads: list[Future]
+    carry_in: tuple | None  # task copying the previous load's tail in; runs once that load is complete
+    carry_future: list[Future] = field(default_factory=list)
+    next: PendingLoad | None = None  # the load submitted after this one (it copies this one's tail)
+    collected: bool = False
+
+
 class Assembler:
     """Turns load requests into mini-batches, keeping carried rows between loads."""
 
-    def __init__(self, fetcher: Fetcher, dtype: np.dtype, n_vars: int, row_shape: tuple[int, ...]):
+    def __init__(
+        self, fetcher: Fetcher, dtype: np.dtype, n_vars: int, row_shape: tuple[int, ...], buffers: BufferPool
+    ):
         self._fetcher = fetcher
         self._dtype = np.dtype(dtype)
         self._n_vars = n_vars
         self._row_shape = row_shape
         # torch wants CSR crow/col indices of one dtype: int32 unless the matrix is enormous.
         self._index_dtype = np.dtype(np.int32 if n_vars < 2**31 else np.int64)
-        self._carried: Batch | None = None
-        self._buffers = BufferPool()
+        self._carried: Batch | None = None  # the tail of the last submitted load (filled once it is read)
+        self._last: PendingLoad | None = None
+        self._buffers = buffers  # shared across epochs: fresh buffers would be page-faulted in again
 
-    def batches(self, request: LoadRequest) -> list[Batch]:
-        """Read one load and return its mini-batches."""
+    def submit(self, request: LoadRequest) -> PendingLoad:
+        """Plan a load and start reading it."""
         ranges = self._fetcher.split(request["requests"])
         new_rows = self._fetcher.global_rows(ranges)
         carried = self._carried
@@ -49,56 +72,93 @@ class Assembler:
         loaded_rows = new_rows if carried is None else np.concatenate([carried.rows, new_rows])
         rows = loaded_rows[layout.order]
         if self._fetcher.kind == "csr":
-            x = self._fill_csr(ranges, layout, carried, n_c)
-            cut = lambda a, b: rows_view(x, a, b)  # noqa: E731
+            x, tasks, carry_in = self._plan_csr(ranges, layout, carried, n_c)
         else:
-            x = self._fill_dense(ranges, layout, carried, n_c)
-            cut = lambda a, b: x[a:b]  # noqa: E731
+            x, tasks, carry_in = self._plan_dense(ranges, layout, carried, n_c)
+        pending = PendingLoad(layout, x, rows, self._fetcher.submit(tasks), carry_in)
+        # This load's tail is the next load's carry: a view (it pins this buffer only until then).
+        self._carried = (
+            Batch(self._cut(x, layout.n_batch_rows, layout.n_out), rows[layout.n_batch_rows :])
+            if layout.n_out > layout.n_batch_rows
+            else None
+        )
+        previous, self._last = self._last, pending
+        if carry_in is not None:
+            if previous is None or previous.collected:
+                pending.carry_future = self._fetcher.submit([carry_in])
+            else:  # the tail is still being read: collect(previous) starts the copy
+                previous.next = pending
+        return pending
+
+    def collect(self, pending: PendingLoad) -> list[Batch]:
+        """Wait for a submitted load and cut it into its mini-batches (in submission order)."""
+        for future in pending.reads + pending.carry_future:
+            future.result()
+        layout, x = pending.layout, pending.x
+        if len(layout.dup_dst):
+            self._copy_duplicates(layout, x)
+        pending.collected = True
+        if pending.next is not None:
+            pending.next.carry_future = self._fetcher.submit([pending.next.carry_in])
+            pending.next = None
         bounds = layout.bounds
-        out = [
-            Batch(cut(bounds[b], bounds[b + 1]), rows[bounds[b] : bounds[b + 1]])
+        return [
+            Batch(self._cut(x, bounds[b], bounds[b + 1]), pending.rows[bounds[b] : bounds[b + 1]])
             for b in range(len(bounds) - 1)
         ]
-        if layout.n_out > layout.n_batch_rows:  # copy: the small carry must not pin the whole load buffer
-            tail = cut(layout.n_batch_rows, layout.n_out)
-            tail_x = tail.copy() if isinstance(tail, np.ndarray) else _copy_csr(tail)
-            self._carried = Batch(tail_x, rows[layout.n_batch_rows :].copy())
-        else:
-            self._carried = None
-        return out
 
-    def _fill_dense(self, ranges, layout: LoadLayout, carried: Batch | None, n_c: int) -> np.ndarray:
+    def batches(self, request: LoadRequest) -> list[Batch]:
+        """Read one load and return its mini-batches (no pipelining)."""
+        return self.collect(self.submit(request))
+
+    @staticmethod
+    def _cut(x: np.ndarray | RawCSR, a: int, b: int) -> np.ndarray | RawCSR:
+        return rows_view(x, a, b) if isinstance(x, RawCSR) else x[a:b]
+
+    def _plan_dense(self, ranges, layout: LoadLayout, carried: Batch | None, n_c: int):
         x = self._buffers.empty((layout.n_out, *self._row_shape), self._dtype)
+        carry_in = None
         if carried is not None:
             dest = layout.out_pos[:n_c]
-            keep = dest >= 0
-            x[dest[keep]] = carried.X[keep]
-        self._fetcher.read_dense(ranges, layout.out_pos[n_c:], x)
-        x[layout.dup_dst] = x[layout.dup_src]
-        return x
+            keep = np.flatnonzero(dest >= 0)
+            carry_in = (_put_rows, x, dest[keep], carried.X, keep)
+        return x, self._fetcher.dense_tasks(ranges, layout.out_pos[n_c:], x), carry_in
 
-    def _fill_csr(self, ranges, layout: LoadLayout, carried: Batch | None, n_c: int) -> RawCSR:
+    def _plan_csr(self, ranges, layout: LoadLayout, carried: Batch | None, n_c: int):
         nnz = self._fetcher.row_nnz(ranges)
         if carried is not None:
             nnz = np.concatenate([np.diff(carried.X.indptr).astype(np.int64), nnz])
-        valid = layout.out_pos >= 0
         out_nnz = nnz[layout.order]
         indptr = np.zeros(layout.n_out + 1, dtype=np.int64)
         np.cumsum(out_nnz, out=indptr[1:])
         data = self._buffers.empty(int(indptr[-1]), self._dtype)
         indices = self._buffers.empty(int(indptr[-1]), self._index_dtype)
-        dest = np.where(valid, indptr[np.maximum(layout.out_pos, 0)], -1)
+        dest = np.where(layout.out_pos >= 0, indptr[np.maximum(layout.out_pos, 0)], -1)
+        carry_in = None
         if carried is not None:
             c = carried.X
-            scatter_rows(c.indptr.astype(np.int64), c.indices, c.data, dest[:n_c], indices, data)
-        self._fetcher.read_csr(ranges, dest[n_c:], data, indices)
-        if len(layout.dup_dst):
-            src = indptr[layout.dup_src]
-            for s, d, n in zip(src, indptr[layout.dup_dst], out_nnz[layout.dup_dst], strict=True):
-                data[d : d + n] = data[s : s + n]
-                indices[d : d + n] = indices[s : s + n]
-        return RawCSR(data, indices, indptr, (layout.n_out, self._n_vars))
+            carry_in = (scatter_rows, c.indptr.astype(np.int64), c.indices, c.data, dest[:n_c], indices, data)
+        x = RawCSR(data, indices, indptr, (layout.n_out, self._n_vars))
+        return x, self._fetcher.csr_tasks(ranges, dest[n_c:], data, indices), carry_in
+
+    @staticmethod
+    def _copy_duplicates(layout: LoadLayout, x: np.ndarray | RawCSR) -> None:
+        """Rows that splits repeat were read once: copy them to their further output rows."""
+        if not isinstance(x, RawCSR):
+            x[layout.dup_dst] = x[layout.dup_src]
+            return
+        starts, n = x.indptr[:-1], np.diff(x.indptr)
+        for s, d, k in zip(starts[layout.dup_src], starts[layout.dup_dst], n[layout.dup_dst], strict=True):
+            x.data[d : d + k] = x.data[s : s + k]
+            x.indices[d : d + k] = x.indices[s : s + k]
 
 
-def _copy_csr(m: RawCSR) -> RawCSR:
-    return RawCSR(m.data.copy(), m.indices.copy(), m.indptr.copy(), m.shape)
+def _put_rows(out: np.ndarray, dest: np.ndarray, source: np.ndarray, keep: np.ndarray) -> None:
+    """``out[dest] = source[keep]`` without the temporary fancy indexing allocates (and page-faults in)."""
+    _copy_rows(source.reshape(len(source), -1), keep, dest, out.reshape(len(out), -1))
+
+
+@numba.njit(nogil=True, cache=True)
+def _copy_rows(source, keep, dest, out):  # pragma: no cover - numba
+    for i in range(len(keep)):
+        out[dest[i]] = source[keep[i]]

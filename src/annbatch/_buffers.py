@@ -24,6 +24,12 @@ class BufferPool:
         self._max_free = max_free
         self._lock = threading.Lock()
 
+    def __getstate__(self):  # a copy (e.g. in a DataLoader worker) starts with no blocks of its own
+        return {"_max_free": self._max_free}
+
+    def __setstate__(self, state):
+        self.__init__(state["_max_free"])
+
     def empty(self, shape: int | tuple[int, ...], dtype) -> np.ndarray:
         """An uninitialised array backed by a recycled block."""
         dtype = np.dtype(dtype)

@@ -4,10 +4,10 @@ A load is a list of global row ranges. They are split at dataset boundaries; the
 says where every row goes — an output row for dense data, an element offset for CSR — and the fetcher
 reads and places them:
 
-- arrays in our own sharded layout on a local disk (:mod:`annbatch._shards`): every inner chunk is a
-  task on a thread pool that decodes the chunk into a per-thread scratch buffer and copies its rows
-  to their destinations while the chunk is still in cache (raw dense rows are read by one vectored
-  read directly into place);
+- arrays in our own sharded layout on a local disk (:mod:`annbatch._shards`): the load's rows become
+  element spans, cut into a few tasks for a thread pool; each task is one numba call that reads,
+  decodes and places its spans' chunks without the GIL (raw dense rows are read by vectored reads
+  directly into place);
 - other zarr arrays (object storage, other layouts): all ranges are read at once through zarr's async
   API (decoded in parallel by zarrs), then placed;
 - numpy, scipy and h5py data: sliced, then placed.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import zarr
@@ -27,7 +27,7 @@ from zarr.core.sync import sync
 
 from annbatch._backing import Backing
 from annbatch._csr import scatter_chunk
-from annbatch._shards import ShardedReader, run_raw_reads
+from annbatch._shards import RawReads, ShardedReader, SpanReader
 
 Range = tuple[int, int, int]  # (dataset, local start, local stop)
 
@@ -40,28 +40,25 @@ class Fetcher:
         self._offsets = np.cumsum([0] + [b.n_obs for b in self._backings])
         self.kind = self._backings[0].kind
         self._pool: ThreadPoolExecutor | None = None
+        self._n_workers = os.cpu_count() or 2
+        self._span_readers: dict[str, list[SpanReader | None]] = {}
 
     def close(self) -> None:
         """Stop the read threads and close shard files."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        self._span_readers = {}
         for backing in self._backings:
             for source in (backing.array, backing.data, backing.indices):
                 if isinstance(source, ShardedReader):
                     source.close()
 
-    def _run(self, tasks: list) -> None:
-        if len(tasks) < 2:
-            for fn, *args in tasks:
-                fn(*args)
-            return
+    def submit(self, tasks: Sequence[tuple]) -> list[Future]:
+        """Start ``(function, *args)`` tasks on the read threads."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(
-                max_workers=os.cpu_count() or 2, thread_name_prefix="annbatch-read"
-            )
-        for future in [self._pool.submit(fn, *args) for fn, *args in tasks]:
-            future.result()
+            self._pool = ThreadPoolExecutor(max_workers=self._n_workers, thread_name_prefix="annbatch-read")
+        return [self._pool.submit(fn, *args) for fn, *args in tasks]
 
     # -- planning -------------------------------------------------------------------------------------------
     def split(self, requests) -> list[Range]:
@@ -90,65 +87,103 @@ class Fetcher:
         parts = [np.diff(self._backings[d].indptr[lo : hi + 1]) for d, lo, hi in ranges]
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
+    def _spans_of(self, role: str) -> list[SpanReader | None]:
+        """Per dataset, the span reader for its ``role`` array (``None``: not in our sharded layout)."""
+        if role not in self._span_readers:
+            sources = [getattr(b, role) for b in self._backings]
+            by_dtype: dict[np.dtype, list] = {}
+            for d, source in enumerate(sources):
+                if isinstance(source, ShardedReader):
+                    by_dtype.setdefault(source.dtype, [None] * len(sources))[d] = source
+            readers: list[SpanReader | None] = [None] * len(sources)
+            for group in by_dtype.values():
+                reader = SpanReader(group)
+                for d, source in enumerate(group):
+                    if source is not None:
+                        readers[d] = reader
+            self._span_readers[role] = readers
+        return self._span_readers[role]
+
+    def _span_tasks(self, role: str, spans: list[tuple[int, int, int]], lo, hi, dest, out) -> list[tuple]:
+        """Tasks reading ``spans`` (``(dataset, first, stop)`` into ``lo``/``hi``/``dest``) of ``role`` arrays."""
+        readers = self._spans_of(role)
+        groups: dict[int, tuple[SpanReader, list]] = {}
+        for span in spans:
+            reader = readers[span[0]]
+            groups.setdefault(id(reader), (reader, []))[1].append(span)
+        tasks = []
+        for reader, group in groups.values():
+            table = np.array(group, dtype=np.int64)
+            # Balance tasks by elements; a few per thread so a slow one does not hold up the load.
+            size = hi[table[:, 2] - 1] - lo[table[:, 1]]
+            cuts = np.searchsorted(np.cumsum(size), np.linspace(0, size.sum(), 2 * self._n_workers + 1)[1:-1])
+            for part in np.split(table, np.unique(cuts)):
+                if len(part):
+                    tasks.append((reader.read, part, lo, hi, dest, out))
+        return tasks
+
     # -- reading --------------------------------------------------------------------------------------------
-    def read_dense(self, ranges: Sequence[Range], dest: np.ndarray, out: np.ndarray) -> None:
-        """Row ``i`` of the ranges (in order) goes to ``out[dest[i]]`` (skipped when ``dest[i] < 0``)."""
-        tasks, fallback, raw, pos = [], [], {}, 0
+    def dense_tasks(self, ranges: Sequence[Range], dest: np.ndarray, out: np.ndarray) -> list[tuple]:
+        """Tasks (for :meth:`submit`) placing row ``i`` of the ranges at ``out[dest[i]]`` (skipped if < 0).
+
+        Data that is not in our sharded layout is read and placed right away.
+        """
+        fallback, raw, spans, pos = [], {}, [], 0
+        items = int(np.prod(out.shape[1:], dtype=np.int64))
         for d, lo, hi in ranges:
             source, rows_dest = self._backings[d].array, dest[pos : pos + hi - lo]
-            pos += hi - lo
             if isinstance(source, ShardedReader) and not source.compressed and source.dtype == out.dtype:
                 raw.setdefault(id(source), (source, []))[1].append((lo, hi, rows_dest))
             elif isinstance(source, ShardedReader):
-                tasks.append((_place_dense_chunks, source, lo, hi, rows_dest, out))
+                spans.append((d, pos, pos + hi - lo))
             else:
                 fallback.append((source, lo, hi, rows_dest))
-        calls = [call for source, parts in raw.values() for call in source.plan_raw_reads(parts, out)]
-        n_workers = os.cpu_count() or 2
-        tasks += [(run_raw_reads, calls[i::n_workers]) for i in range(min(n_workers, len(calls)))]
+            pos += hi - lo
+        tasks = []
+        if spans:  # every row is a span of ``items`` elements
+            rows = np.concatenate([np.arange(lo, hi, dtype=np.int64) for _, lo, hi in ranges])
+            lo_e = rows * items
+            dest_e = np.where(dest >= 0, dest * items, -1)
+            tasks += self._span_tasks("array", spans, lo_e, lo_e + items, dest_e, out.reshape(-1))
+        if raw:
+            reads = RawReads.concat([source.plan_raw_reads(parts, out) for source, parts in raw.values()])
+            tasks += [(part.run,) for part in reads.split(self._n_workers)]
         for *_, rows_dest, part in _read_ranges(fallback, out.dtype):
             valid = rows_dest >= 0
             out[rows_dest[valid]] = part[valid]
-        self._run(tasks)
+        return tasks
 
-    def read_csr(
+    def csr_tasks(
         self, ranges: Sequence[Range], dest: np.ndarray, out_data: np.ndarray, out_indices: np.ndarray
-    ) -> None:
-        """Row ``i`` of the ranges (in order) goes to element offset ``dest[i]`` of ``out_data``/``out_indices``."""
-        tasks, fallback, pos = [], [], 0
-        for d, lo, hi in ranges:
+    ) -> list[tuple]:
+        """Tasks placing row ``i`` of the ranges at element offset ``dest[i]`` of ``out_data``/``out_indices``.
+
+        Data that is not in our sharded layout is read and placed right away.
+        """
+        if not ranges:
+            return []
+        lo = np.concatenate([self._backings[d].indptr[a:b] for d, a, b in ranges])
+        hi = np.concatenate([self._backings[d].indptr[a + 1 : b + 1] for d, a, b in ranges])
+        spans: dict[str, list] = {"data": [], "indices": []}
+        fallback, pos = [], 0
+        for d, a, b in ranges:
             backing = self._backings[d]
-            ip = backing.indptr
-            row_lo, row_hi = ip[lo:hi], ip[lo + 1 : hi + 1]
-            rows_dest = dest[pos : pos + hi - lo]
-            pos += hi - lo
-            a, b = int(ip[lo]), int(ip[hi])
-            for source, out in ((backing.data, out_data), (backing.indices, out_indices)):
-                if isinstance(source, ShardedReader):  # one task per range: fewer hand-offs than per chunk
-                    tasks.append(
-                        (_place_csr_chunks, source, source.chunk_range(a, b), row_lo, row_hi, rows_dest, out)
-                    )
+            row = slice(pos, pos + b - a)
+            pos += b - a
+            for role, out in (("data", out_data), ("indices", out_indices)):
+                source = getattr(backing, role)
+                if isinstance(source, ShardedReader):
+                    spans[role].append((d, row.start, row.stop))
                 else:
-                    fallback.append((source, a, b, (row_lo, row_hi, rows_dest, out)))
-        for _, a, _, (row_lo, row_hi, rows_dest, out), part in _read_ranges(fallback, None):
-            scatter_chunk(part, a, row_lo, row_hi, rows_dest, out)
-        self._run(tasks)
-
-
-def _place_dense_chunks(
-    source: ShardedReader, lo: int, hi: int, rows_dest: np.ndarray, out: np.ndarray
-) -> None:
-    for k in source.chunk_range(lo, hi):
-        c0 = k * source.chunk_len
-        a, b = max(lo, c0), min(hi, c0 + source.chunk_len)
-        dest = rows_dest[a - lo : b - lo]
-        valid = dest >= 0
-        out[dest[valid]] = source.decode(k)[a - c0 : b - c0][valid]
-
-
-def _place_csr_chunks(source: ShardedReader, chunks: range, row_lo, row_hi, rows_dest, out) -> None:
-    for k in chunks:
-        scatter_chunk(source.decode(k), k * source.chunk_len, row_lo, row_hi, rows_dest, out)
+                    e0, e1 = int(backing.indptr[a]), int(backing.indptr[b])
+                    fallback.append((source, e0, e1, (lo[row], hi[row], dest[row], out)))
+        for _, e0, _, (row_lo, row_hi, rows_dest, out), part in _read_ranges(fallback, None):
+            scatter_chunk(part, e0, row_lo, row_hi, rows_dest, out)
+        tasks = []
+        for role, out in (("data", out_data), ("indices", out_indices)):
+            if spans[role]:
+                tasks += self._span_tasks(role, spans[role], lo, hi, dest, out)
+        return tasks
 
 
 def _runs(rows: np.ndarray) -> list[slice]:

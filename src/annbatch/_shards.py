@@ -3,10 +3,15 @@
 zarr-python spends ~0.3–0.8 ms of Python per read call, which dominates when a load is hundreds of
 small contiguous runs (``chunk_size=32``). For the layout our writer produces — 1-D or row-chunked
 arrays, ``sharding_indexed`` with the index at the end, inner codecs ``bytes`` + optional ``blosc`` —
-this reader keeps each shard's index in memory, reads the inner chunks a range touches with
-``os.pread`` and decodes them with numcodecs' blosc straight into the caller's buffer, from a thread
-pool (both release the GIL). Anything else returns ``None`` from :func:`sharded_reader` and is read
-through zarr.
+this module keeps every shard's index in memory and reads a load without Python per chunk:
+
+- :class:`SpanReader` hands whole lists of element spans to a numba kernel that reads each inner
+  chunk with ``pread``, decodes it with c-blosc (the copy numcodecs bundles, called through its C
+  API) into a per-thread scratch buffer and copies the spans' parts to their destinations while the
+  chunk is still in cache — no GIL held, so the thread pool really runs in parallel;
+- raw (uncompressed) rows are read by ``preadv`` straight into place (:meth:`ShardedReader.plan_raw_reads`).
+
+Anything else returns ``None`` from :func:`sharded_reader` and is read through zarr.
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import llvmlite.binding as llvm
+import numba
 import numpy as np
 import zarr
+from numba.core import types
 from numcodecs import blosc
 from numcodecs.checksum32 import CRC32C
 from zarr.storage import LocalStore
@@ -27,7 +37,7 @@ _CRC32C = CRC32C()
 
 
 class ShardedReader:
-    """Reads row ranges of one local sharded zarr array into caller-provided buffers."""
+    """One local sharded zarr array: its chunk index, and vectored reads of raw rows into place."""
 
     def __init__(self, root: Path, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard_rows: int,
                  compressed: bool, fill_value):  # fmt: skip
@@ -39,25 +49,23 @@ class ShardedReader:
         self._fill = fill_value
         self._indexes: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
+        self._chunk_index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._lock = threading.Lock()
 
     def close(self) -> None:
         """Close the shard files (they are reopened on the next read)."""
         with self._lock:
             for fd in self._fds.values():
-                if fd >= 0:
-                    os.close(fd)
-            self._fds, self._indexes = {}, {}
+                os.close(fd)
+            self._fds, self._indexes, self._chunk_index = {}, {}, None
 
     def __del__(self):
-        if getattr(self, "_fds", None):
-            for fd in self._fds.values():
-                if fd >= 0:
-                    os.close(fd)
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
 
     def __getstate__(self):  # file descriptors do not travel to worker processes
         state = self.__dict__.copy()
-        state.update(_indexes={}, _fds={}, _lock=None)
+        state.update(_indexes={}, _fds={}, _chunk_index=None, _lock=None)
         return state
 
     def __setstate__(self, state):
@@ -72,7 +80,7 @@ class ShardedReader:
 
     def _open_shard(self, s: int) -> tuple[int, np.ndarray]:
         # Chunk keys name every dimension: c/<shard>/0/… for row-chunked N-d arrays.
-        path = self._root.joinpath("c", str(s), *["0"] * (len(self.shape) - 1))
+        path = self.shard_path(s)
         if not path.exists():  # our writer stores every chunk, so a missing shard is damage, not zeros
             raise FileNotFoundError(
                 f"Shard {path} is missing; the collection is damaged. Rebuild it from its inputs."
@@ -87,91 +95,267 @@ class ShardedReader:
             raise OSError(f"Shard {path} is corrupt (index checksum mismatch): {err}") from err
         return fd, np.frombuffer(payload, dtype="<u8").reshape(-1, 2)
 
-    @property
-    def chunk_len(self) -> int:
-        """Rows (elements, for 1-d arrays) per inner chunk."""
-        return self._chunk_rows
+    def shard_path(self, s: int) -> Path:
+        """The file of shard ``s``."""
+        return self._root.joinpath("c", str(s), *["0"] * (len(self.shape) - 1))
+
+    def chunk_path(self, k: int) -> Path:
+        """The file holding inner chunk ``k``."""
+        return self.shard_path(k // self._per_shard)
 
     @property
     def compressed(self) -> bool:
         """Whether chunks need decoding (else they are raw little-endian rows)."""
         return self._compressed
 
-    def chunk_range(self, start: int, stop: int) -> range:
-        """Inner chunks holding rows ``start:stop``."""
-        return (
-            range(start // self._chunk_rows, (stop - 1) // self._chunk_rows + 1) if stop > start else range(0)
-        )
+    @property
+    def row_items(self) -> int:
+        """Items per row (1 for 1-d arrays)."""
+        return self._row_items
 
-    def decode(self, k: int) -> np.ndarray:
-        """Inner chunk ``k``, decoded into a buffer reused by the calling thread."""
-        buf = _scratch(self._chunk_rows * self._row_items, self.dtype)
-        fd, index = self._shard(k // self._per_shard)
-        offset, nbytes = index[k % self._per_shard]
-        if offset == _MISSING:
-            buf[...] = self._fill
-        elif self._compressed:
-            blosc.decompress(os.pread(fd, int(nbytes), int(offset)), buf)
-        else:
-            got = os.preadv(fd, [memoryview(buf).cast("B")], int(offset))
-            buf[got // self.dtype.itemsize :] = self._fill
-        return buf.reshape(-1, *self.shape[1:])
+    @property
+    def fill_value(self):
+        """The value of chunks the writer did not store."""
+        return self._fill
 
-    def plan_raw_reads(self, ranges: list[tuple[int, int, np.ndarray]], out: np.ndarray) -> list[tuple]:
+    @property
+    def chunk_items(self) -> int:
+        """Items per inner chunk."""
+        return self._chunk_rows * self._row_items
+
+    def chunk_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """File offset (-1: not stored), stored size and file descriptor of every inner chunk."""
+        with self._lock:
+            cached = self._chunk_index
+        if cached is not None:
+            return cached
+        n_chunks = -(-self.shape[0] // self._chunk_rows)
+        shards = [self._shard(s) for s in range(-(-n_chunks // self._per_shard))]
+        index = np.concatenate([ix for _, ix in shards])[:n_chunks]
+        offset = np.where(index[:, 0] == _MISSING, np.uint64(2**63), index[:, 0]).astype(np.int64)
+        offset[index[:, 0] == _MISSING] = -1
+        fds = np.repeat(np.array([fd for fd, _ in shards], dtype=np.int64), self._per_shard)[:n_chunks]
+        table = (offset, index[:, 1].astype(np.int64), fds)
+        with self._lock:
+            self._chunk_index = table
+        return table
+
+    def plan_raw_reads(self, ranges: list[tuple[int, int, np.ndarray]], out: np.ndarray) -> RawReads:
         """Vectored reads placing raw (uncompressed) rows straight at their destinations.
 
         ``ranges`` holds ``(lo, hi, dest)``: rows ``lo:hi`` go to ``out[dest[i]]`` (``dest[i] < 0``:
-        discarded). Returns ``preadv`` calls ``(fd, iovecs, file_offset)`` to run with :func:`run_raw_read`:
-        rows that follow each other in a shard file share one call, so the read itself does the shuffle
-        with a single copy. The iovec table is built with numpy and handed to libc through ctypes:
-        Python's ``os.preadv`` would need one buffer object per row.
+        discarded). Rows that follow each other in a shard file share one ``preadv`` call, so the read
+        itself does the shuffle with a single copy. The iovec table is built with numpy; Python's
+        ``os.preadv`` would need one buffer object per row.
         """
         row_bytes = self._row_items * self.dtype.itemsize
         rows = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi, _ in ranges])
         dest = np.concatenate([d for *_, d in ranges]).astype(np.int64)
         chunk = rows // self._chunk_rows
-        shard, slot = chunk // self._per_shard, chunk % self._per_shard
-        chunk_offset = np.empty(len(rows), dtype=np.uint64)
-        fds = np.empty(len(rows), dtype=np.int64)
-        for s in np.unique(shard):
-            fd, index = self._shard(int(s))
-            here = shard == s
-            chunk_offset[here], fds[here] = index[slot[here], 0], fd
-        missing = chunk_offset == _MISSING
+        chunk_offset, _, fds = (a[chunk] for a in self.chunk_index())
+        missing = chunk_offset < 0
         if missing.any():  # chunks a writer skipped hold the fill value
             out[dest[missing & (dest >= 0)]] = self._fill
             rows, dest, chunk, fds, chunk_offset = (
                 a[~missing] for a in (rows, dest, chunk, fds, chunk_offset)
             )
-        file_offset = chunk_offset.astype(np.int64) + (rows - chunk * self._chunk_rows) * row_bytes
+        file_offset = chunk_offset + (rows - chunk * self._chunk_rows) * row_bytes
         iov = np.empty((len(rows), 2), dtype=np.uint64)
         sink = _sink(row_bytes)  # discarded rows land here
         iov[:, 0] = np.where(dest >= 0, out.ctypes.data + np.maximum(dest, 0) * row_bytes, sink.ctypes.data)
         iov[:, 1] = row_bytes
-        breaks = np.flatnonzero((np.diff(file_offset) != row_bytes) | (np.diff(fds) != 0)) + 1
-        starts = np.concatenate([[0], breaks])
-        stops = np.concatenate([breaks, [len(rows)]])
-        calls = []
-        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
-            for s in range(a, b, _IOV_MAX):
-                calls.append((int(fds[s]), iov[s : min(b, s + _IOV_MAX)], int(file_offset[s])))
-        return calls
+        # A call per run of rows that follow each other in one file, cut every _IOV_MAX rows.
+        new_run = np.ones(len(rows), dtype=bool)
+        new_run[1:] = (np.diff(file_offset) != row_bytes) | (np.diff(fds) != 0)
+        run_start = np.maximum.accumulate(np.where(new_run, np.arange(len(rows)), 0))
+        first = np.flatnonzero((np.arange(len(rows)) - run_start) % _IOV_MAX == 0)
+        count = np.diff(np.append(first, len(rows)))
+        return RawReads(iov, fds[first], first, count, file_offset[first])
 
 
-def run_raw_reads(calls: list[tuple]) -> None:
-    """Run ``preadv`` calls planned by :meth:`ShardedReader.plan_raw_reads`."""
-    for fd, iov, offset in calls:
-        want = int(iov[:, 1].sum())
-        got = _libc.preadv(fd, iov.ctypes.data, len(iov), offset)  # ctypes drops the GIL for the call
-        if got != want:
-            err = ctypes.get_errno() if got < 0 else 0
-            raise OSError(err, f"Short read from a shard: {got} of {want} bytes ({os.strerror(err)})")
+@dataclass
+class RawReads:
+    """``preadv`` calls: call ``c`` fills ``iov[first[c]:first[c] + count[c]]`` from ``fd[c]`` at ``offset[c]``."""
+
+    iov: np.ndarray
+    fd: np.ndarray
+    first: np.ndarray
+    count: np.ndarray
+    offset: np.ndarray
+
+    @classmethod
+    def concat(cls, parts: Sequence[RawReads]) -> RawReads:
+        """All calls of ``parts`` as one set."""
+        base = np.cumsum([0] + [len(p.iov) for p in parts[:-1]])
+        return cls(
+            np.concatenate([p.iov for p in parts]),
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("fd",)),
+            np.concatenate([p.first + b for p, b in zip(parts, base, strict=True)]),
+            np.concatenate([p.count for p in parts]),
+            np.concatenate([p.offset for p in parts]),
+        )
+
+    def split(self, n: int) -> list[RawReads]:
+        """The calls in ``n`` groups of about equal size (fewer when there are fewer calls)."""
+        cuts = np.searchsorted(np.cumsum(self.count), np.linspace(0, self.count.sum(), n + 1)[1:-1])
+        groups = [np.arange(a, b) for a, b in zip([0, *cuts], [*cuts, len(self.first)], strict=True)]
+        return [
+            RawReads(self.iov, self.fd[g], self.first[g], self.count[g], self.offset[g])
+            for g in groups
+            if len(g)
+        ]
+
+    def run(self) -> None:
+        """Make the calls (in numba, without the GIL)."""
+        failed = _run_preadv(self.iov, self.fd, self.first, self.count, self.offset)
+        if failed >= 0:
+            raise OSError(f"Short read from a shard (call {failed}); is the collection being rewritten?")
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.preadv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong]
-_libc.preadv.restype = ctypes.c_ssize_t
+@numba.njit(nogil=True, cache=True)
+def _run_preadv(iov, fds, first, count, offset):  # pragma: no cover - numba
+    """Run the calls; the index of the first that read short, or -1."""
+    for c in range(len(first)):
+        want = 0
+        for i in range(first[c], first[c] + count[c]):
+            want += iov[i, 1]
+        if _preadv(fds[c], iov.ctypes.data + first[c] * 16, count[c], offset[c]) != want:
+            return c
+    return -1
+
+
+class SpanReader:
+    """Reads element spans of a set of sharded arrays (one per dataset, one dtype) with a numba kernel.
+
+    The arrays are seen as flat runs of elements: a CSR ``data``/``indices`` array as it is, a dense
+    array as its rows laid end to end. A span ``j`` of dataset ``d`` is elements ``lo[j]:hi[j]`` and
+    goes to ``out[dest[j]:]`` (``dest[j] < 0``: skipped), cast to ``out``'s dtype.
+    """
+
+    def __init__(self, readers: Sequence[ShardedReader | None]):
+        present = [r for r in readers if r is not None]
+        if len({r.dtype for r in present}) > 1:
+            raise ValueError("A SpanReader reads arrays of one dtype.")
+        self.dtype = present[0].dtype
+        self._readers = list(readers)
+        tables = [r.chunk_index() if r is not None else _EMPTY_INDEX for r in readers]
+        sizes = [len(t[0]) for t in tables]
+        self._base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._offset, self._nbytes, self._fd = (np.concatenate([t[i] for t in tables]) for i in range(3))
+        self._chunk = np.array([r.chunk_items if r is not None else 1 for r in readers], dtype=np.int64)
+        self._n_items = np.array(
+            [r.shape[0] * r.row_items if r is not None else 0 for r in readers], np.int64
+        )
+        self._compressed = np.array([r is not None and r.compressed for r in readers], dtype=np.bool_)
+        self._fill = np.array([r.fill_value if r is not None else 0 for r in readers], dtype=self.dtype)
+        self._max_nbytes = int(self._nbytes.max(initial=0))
+        self._max_chunk = int(self._chunk.max(initial=1))
+
+    def read(
+        self, spans: np.ndarray, lo: np.ndarray, hi: np.ndarray, dest: np.ndarray, out: np.ndarray
+    ) -> None:
+        """Read spans: ``spans[i] = (dataset, first, stop)`` covers elements ``lo[first:stop]`` to ``hi[…]``.
+
+        Within one span, element runs must be increasing and not overlap (rows of a range, in order).
+        """
+        if _decompress is None and self._compressed.any():
+            raise RuntimeError("c-blosc's C API is not available from numcodecs; read through zarr instead.")
+        comp = _scratch(max(self._max_nbytes, 1), np.uint8, "compressed")
+        chunk = _scratch(self._max_chunk, self.dtype, "decoded")
+        status = np.zeros(2, dtype=np.int64)
+        _read_spans(spans, lo, hi, dest, self._base, self._chunk, self._n_items, self._compressed,
+                    self._offset, self._nbytes, self._fd, self._fill, comp, chunk, out, status)  # fmt: skip
+        if status[0]:
+            code, k = int(status[0] & 0xFF), int(status[0] >> 8)
+            what = {1: "short read", 2: "invalid blosc header", 3: "blosc cannot decode it"}[code]
+            path = self._readers[int(spans[status[1], 0])].chunk_path(k)
+            raise OSError(
+                f"Chunk {k} in shard {path} is corrupt ({what}); rebuild the collection from its inputs."
+            )
+
+
+_EMPTY_INDEX = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
+
+_libc = ctypes.CDLL(None)
 _IOV_MAX = 1024
+
+
+def _c_function(library: ctypes.CDLL, name: str, signature):
+    """A C function the numba kernel can call, or ``None`` when ``library`` lacks it.
+
+    The function is registered with LLVM under a private name and declared as an external function,
+    so the compiled kernel refers to it by name and numba can cache it (a ctypes pointer would not).
+    """
+    try:
+        address = ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+    except AttributeError:
+        return None
+    llvm.add_symbol(f"annbatch_{name}", address)
+    return types.ExternalFunction(f"annbatch_{name}", signature)
+
+
+def _blosc_library() -> ctypes.CDLL | None:
+    # numcodecs compiles c-blosc into its extension module and exports c-blosc's C API from it.
+    try:
+        return ctypes.CDLL(blosc.__file__)
+    except OSError:
+        return None
+
+
+_pread = _c_function(_libc, "pread", types.intp(types.intc, types.uintp, types.uintp, types.int64))
+_preadv = _c_function(_libc, "preadv", types.intp(types.intc, types.uintp, types.intc, types.int64))
+_blosc = _blosc_library()
+# ``blosc_decompress_ctx`` does not use c-blosc's global state, so threads may call it concurrently.
+_decompress = _blosc and _c_function(
+    _blosc, "blosc_decompress_ctx", types.intc(types.uintp, types.uintp, types.uintp, types.intc)
+)
+_validate = _blosc and _c_function(
+    _blosc, "blosc_cbuffer_validate", types.intc(types.uintp, types.uintp, types.uintp)
+)
+
+
+@numba.njit(nogil=True, cache=True)
+def _read_spans(spans, lo, hi, dest, base, chunk_items, n_items, compressed, offset, nbytes, fds, fill,
+                comp, chunk, out, status):  # fmt: skip  # pragma: no cover - numba
+    """Read, decode and place spans; on failure set ``status = (code | chunk << 8, span)`` and stop."""
+    itemsize = chunk.itemsize
+    size_out = np.zeros(1, dtype=np.uint64)
+    for s in range(spans.shape[0]):
+        d, first, stop = spans[s, 0], spans[s, 1], spans[s, 2]
+        if stop <= first or hi[stop - 1] <= lo[first]:
+            continue
+        n = chunk_items[d]
+        i = first
+        for k in range(lo[first] // n, (hi[stop - 1] - 1) // n + 1):
+            c0 = k * n
+            c1 = min(c0 + n, n_items[d])
+            g = base[d] + k
+            if offset[g] < 0:  # a chunk the writer did not store holds the fill value
+                chunk[: c1 - c0] = fill[d]
+            elif compressed[d]:
+                m = nbytes[g]
+                if m > comp.size or _pread(fds[g], comp.ctypes.data, m, offset[g]) != m:
+                    status[0], status[1] = 1 | (k << 8), s
+                    return
+                if _validate(comp.ctypes.data, m, size_out.ctypes.data) != 0 or size_out[0] != n * itemsize:
+                    status[0], status[1] = 2 | (k << 8), s
+                    return
+                if _decompress(comp.ctypes.data, chunk.ctypes.data, n * itemsize, 1) != n * itemsize:
+                    status[0], status[1] = 3 | (k << 8), s
+                    return
+            elif _pread(fds[g], chunk.ctypes.data, (c1 - c0) * itemsize, offset[g]) != (c1 - c0) * itemsize:
+                status[0], status[1] = 1 | (k << 8), s
+                return
+            while i < stop and hi[i] <= c0:  # spans are ordered: skip the ones that end before this chunk
+                i += 1
+            j = i
+            while j < stop and lo[j] < c1:
+                if dest[j] >= 0:
+                    a, b = max(lo[j], c0), min(hi[j], c1)
+                    o = dest[j] + a - lo[j]
+                    for t in range(b - a):
+                        out[o + t] = chunk[a - c0 + t]
+                j += 1
 
 
 _local = threading.local()
@@ -185,19 +369,21 @@ def _sink(nbytes: int) -> np.ndarray:
     return _sinks[nbytes]
 
 
-def _scratch(n: int, dtype: np.dtype) -> np.ndarray:
-    """A per-thread buffer of ``n`` items, reused across chunks (fresh pages are slow to fault in)."""
-    key = (n, np.dtype(dtype).str)
+def _scratch(n: int, dtype: np.dtype, role: str) -> np.ndarray:
+    """A per-thread buffer of at least ``n`` items, reused across loads (fresh pages are slow to fault in)."""
     cache = getattr(_local, "buffers", None)
     if cache is None:
         cache = _local.buffers = {}
-    if key not in cache:
+    key = (role, np.dtype(dtype).str)
+    if key not in cache or cache[key].size < n:
         cache[key] = np.empty(n, dtype=dtype)
     return cache[key]
 
 
 def sharded_reader(arr: zarr.Array) -> ShardedReader | None:
     """A :class:`ShardedReader` for ``arr`` when its layout is one we read directly, else ``None``."""
+    if _decompress is None or _validate is None:  # numcodecs without c-blosc's C API: read through zarr
+        return None
     if not isinstance(arr.store, LocalStore) or arr.metadata.zarr_format != 3:
         return None
     meta = arr.metadata.to_dict()

@@ -14,6 +14,7 @@ import pandas as pd
 
 from annbatch._assemble import Assembler, Batch
 from annbatch._backing import Backing, BackingError, backing_from_memory, backing_from_zarr
+from annbatch._buffers import BufferPool
 from annbatch._convert import Target, check_target, convert
 from annbatch._fetch import Fetcher
 from annbatch._obs import ObsTable
@@ -170,6 +171,7 @@ class Loader(_Base):
         self._frame_table: ObsTable | None = None
         self._key_table: ObsTable | None = None
         self._prefetch = prefetch
+        self._buffers = BufferPool()  # load buffers, recycled across loads and epochs
         self._backings: list[Backing] = []
         self._obs: list[pd.DataFrame | None] = []
         self._obs_reader: Callable[[Sequence[str] | None], pd.DataFrame] | None = None
@@ -342,10 +344,24 @@ class Loader(_Base):
         fetcher = Fetcher(self._backings)
         first = self._backings[0]
         dtype = np.result_type(*{b.dtype for b in self._backings})
-        assembler = Assembler(fetcher, dtype, first.shape[1], first.shape[1:])
+        assembler = Assembler(fetcher, dtype, first.shape[1], first.shape[1:], self._buffers)
+        requests = iter(sampler.sample(self.n_obs))
+        pending = None
         try:
-            for request in sampler.sample(self.n_obs):
-                yield [self._item(batch) for batch in assembler.batches(request)]
+            while True:
+                try:
+                    submitted = assembler.submit(next(requests))  # read while the previous load is handed out
+                except StopIteration:
+                    break
+                except BaseException:
+                    if pending is not None:  # what was read before the failure still reaches the consumer
+                        yield [self._item(batch) for batch in assembler.collect(pending)]
+                    raise
+                if pending is not None:
+                    yield [self._item(batch) for batch in assembler.collect(pending)]
+                pending = submitted
+            if pending is not None:
+                yield [self._item(batch) for batch in assembler.collect(pending)]
         finally:
             fetcher.close()
 
