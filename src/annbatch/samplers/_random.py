@@ -158,9 +158,14 @@ class RandomSampler(_ChunkedSampler):
             return np.arange(n_chunks)
         rng = self._rng(_EPOCH_STREAM)
         order = rng.permutation(n_chunks - 1)
-        # The short last chunk goes to a random slot dealt to the worker that the last slot goes
-        # to, so each worker's row count stays independent of the seed (see _worker_rows).
-        slot = int(rng.integers(0, (n_chunks - 1) // self._num_workers + 1))
+        # The last chunk may be short. It goes to a slot dealt to the worker that the last slot goes
+        # to, so each worker's row count stays independent of the seed (see _worker_rows): the very
+        # last slot when the epoch reads every chunk, so that all other loads are full and (when
+        # chunk_size × preload_nchunks is a multiple of batch_size) no rows are carried and copied
+        # between loads; a random one when num_samples uses only the first chunks of the order.
+        slot = (n_chunks - 1) // self._num_workers
+        if self._num_samples is not None:
+            slot = int(rng.integers(0, slot + 1))
         slot = (n_chunks - 1) % self._num_workers + slot * self._num_workers
         return np.insert(order, slot, n_chunks - 1)
 
