@@ -38,9 +38,13 @@ class BufferPool:
         if nbytes < _ALIGN:  # small arrays: the allocator recycles these well by itself
             return np.empty(shape, dtype=dtype)
         block = self._take(nbytes)
-        arr = block[:nbytes].view(dtype).reshape(shape)
-        weakref.finalize(arr, self._give, block)
-        return arr
+        # numpy points a view's ``base`` at the array that owns the memory, which would be ``block``:
+        # batches cut from the load would not keep a plain view of it alive. An array made with
+        # ``frombuffer`` does not own its memory, so every view of it keeps *it* alive, and its
+        # finalizer runs only once the last batch view (or tensor) is gone.
+        owner = np.frombuffer(memoryview(block), dtype=np.uint8, count=nbytes)
+        weakref.finalize(owner, self._give, block)
+        return owner.view(dtype).reshape(shape)
 
     def _take(self, nbytes: int) -> np.ndarray:
         with self._lock:
