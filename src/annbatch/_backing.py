@@ -48,11 +48,15 @@ class Backing:
         return np.dtype(self.indices.dtype)
 
 
-def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str) -> Backing:
-    """A backing for an AnnData element stored in zarr (``X`` or a layer): CSR group or dense array."""
+def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str, complete: bool = False) -> Backing:
+    """A backing for an AnnData element stored in zarr (``X`` or a layer): CSR group or dense array.
+
+    ``complete``: the element belongs to an annbatch collection, whose writer stores every shard, so
+    a missing shard file is an error rather than fill values.
+    """
     with zarrs_pipeline():  # arrays pick their codec pipeline when opened
         if isinstance(elem, zarr.Array):
-            return Backing("dense", tuple(elem.shape), np.dtype(elem.dtype), array=_fastest(elem))
+            return Backing("dense", tuple(elem.shape), np.dtype(elem.dtype), array=_fastest(elem, complete))
         encoding = elem.attrs.get("encoding-type")
         if encoding != "csr_matrix":
             raise BackingError(
@@ -60,14 +64,14 @@ def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str) -> Backing:
                 "Convert it with `annbatch.Collection(...).add_adatas` (which writes CSR)."
             )
         shape = tuple(int(x) for x in elem.attrs["shape"])
-        data, indices = _fastest(elem["data"]), _fastest(elem["indices"])
+        data, indices = _fastest(elem["data"], complete), _fastest(elem["indices"], complete)
         indptr = np.asarray(elem["indptr"][...], dtype=np.int64)
         return Backing("csr", shape, np.dtype(data.dtype), data=data, indices=indices, indptr=indptr)
 
 
-def _fastest(arr: zarr.Array) -> zarr.Array | ShardedReader:
+def _fastest(arr: zarr.Array, complete: bool) -> zarr.Array | ShardedReader:
     """Our direct shard reader where the layout allows, else the array reopened under zarrs."""
-    reader = sharded_reader(arr)
+    reader = sharded_reader(arr, complete=complete)
     if reader is not None:
         return reader
     # An array opened before the zarrs pipeline was set keeps zarr-python's pipeline: open it again.

@@ -27,7 +27,7 @@ from zarr.core.sync import sync
 
 from annbatch._backing import Backing
 from annbatch._csr import scatter_chunk
-from annbatch._shards import RawReads, ShardedReader, SpanReader
+from annbatch._shards import ChunkIndex, RawReads, ShardedReader, SpanReader
 
 Range = tuple[int, int, int]  # (dataset, local start, local stop)
 
@@ -41,18 +41,21 @@ class Fetcher:
         self.kind = self._backings[0].kind
         self._pool: ThreadPoolExecutor | None = None
         self._n_workers = os.cpu_count() or 2
+        # Shard files this fetcher opened (one epoch's worth), by role / by raw dense source.
         self._span_readers: dict[str, list[SpanReader | None]] = {}
+        self._raw_indexes: dict[int, ChunkIndex] = {}
 
     def close(self) -> None:
         """Stop the read threads and close shard files."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        self._span_readers = {}
-        for backing in self._backings:
-            for source in (backing.array, backing.data, backing.indices):
-                if isinstance(source, ShardedReader):
-                    source.close()
+        for readers in self._span_readers.values():
+            for reader in {id(r): r for r in readers if r is not None}.values():
+                reader.close()
+        for index in self._raw_indexes.values():
+            index.close()
+        self._span_readers, self._raw_indexes = {}, {}
 
     def submit(self, tasks: Sequence[tuple]) -> list[Future]:
         """Start ``(function, *args)`` tasks on the read threads."""
@@ -104,6 +107,11 @@ class Fetcher:
             self._span_readers[role] = readers
         return self._span_readers[role]
 
+    def _raw_index(self, source: ShardedReader) -> ChunkIndex:
+        if id(source) not in self._raw_indexes:
+            self._raw_indexes[id(source)] = source.open()
+        return self._raw_indexes[id(source)]
+
     def _span_tasks(self, role: str, spans: list[tuple[int, int, int]], lo, hi, dest, out) -> list[tuple]:
         """Tasks reading ``spans`` (``(dataset, first, stop)`` into ``lo``/``hi``/``dest``) of ``role`` arrays."""
         readers = self._spans_of(role)
@@ -146,7 +154,9 @@ class Fetcher:
             dest_e = np.where(dest >= 0, dest * items, -1)
             tasks += self._span_tasks("array", spans, lo_e, lo_e + items, dest_e, out.reshape(-1))
         if raw:
-            reads = RawReads.concat([source.plan_raw_reads(parts, out) for source, parts in raw.values()])
+            reads = RawReads.concat(
+                [source.plan_raw_reads(self._raw_index(source), parts, out) for source, parts in raw.values()]
+            )
             tasks += [(part.run,) for part in reads.split(self._n_workers)]
         for *_, rows_dest, part in _read_ranges(fallback, out.dtype):
             valid = rows_dest >= 0

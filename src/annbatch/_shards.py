@@ -37,66 +37,25 @@ _CRC32C = CRC32C()
 
 
 class ShardedReader:
-    """One local sharded zarr array: its chunk index, and vectored reads of raw rows into place."""
+    """One local sharded zarr array: where its shards are and how its inner chunks are laid out.
+
+    It holds no open files: :meth:`open` gives each caller (a fetcher, for one epoch) its own file
+    descriptors, so concurrent iterations never close each other's files.
+    """
 
     def __init__(self, root: Path, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard_rows: int,
-                 compressed: bool, fill_value):  # fmt: skip
+                 compressed: bool, fill_value, complete: bool = False):  # fmt: skip
         self._root = root
+        self._complete = complete  # every shard was written (annbatch collections): a missing one is damage
         self.shape, self.dtype = shape, np.dtype(dtype)
         self._chunk_rows, self._per_shard = chunk_rows, shard_rows // chunk_rows
         self._row_items = int(np.prod(shape[1:], dtype=np.int64))
         self._compressed = compressed
         self._fill = fill_value
-        self._indexes: dict[int, np.ndarray] = {}
-        self._fds: dict[int, int] = {}
-        self._chunk_index: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        """Close the shard files (they are reopened on the next read)."""
-        with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds, self._indexes, self._chunk_index = {}, {}, None
-
-    def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-
-    def __getstate__(self):  # file descriptors do not travel to worker processes
-        state = self.__dict__.copy()
-        state.update(_indexes={}, _fds={}, _chunk_index=None, _lock=None)
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def _shard(self, s: int) -> tuple[int, np.ndarray]:
-        with self._lock:
-            if s not in self._fds:
-                self._fds[s], self._indexes[s] = self._open_shard(s)
-            return self._fds[s], self._indexes[s]
-
-    def _open_shard(self, s: int) -> tuple[int, np.ndarray]:
-        # Chunk keys name every dimension: c/<shard>/0/… for row-chunked N-d arrays.
-        path = self.shard_path(s)
-        if not path.exists():  # our writer stores every chunk, so a missing shard is damage, not zeros
-            raise FileNotFoundError(
-                f"Shard {path} is missing; the collection is damaged. Rebuild it from its inputs."
-            )
-        fd = os.open(path, os.O_RDONLY)
-        n = 16 * self._per_shard
-        raw = os.pread(fd, n + 4, os.fstat(fd).st_size - n - 4)  # the index, then its 4-byte crc32c
-        try:
-            payload = _CRC32C.decode(np.frombuffer(raw, dtype="u1"))
-        except RuntimeError as err:
-            os.close(fd)
-            raise OSError(f"Shard {path} is corrupt (index checksum mismatch): {err}") from err
-        return fd, np.frombuffer(payload, dtype="<u8").reshape(-1, 2)
 
     def shard_path(self, s: int) -> Path:
         """The file of shard ``s``."""
+        # Chunk keys name every dimension: c/<shard>/0/… for row-chunked N-d arrays.
         return self._root.joinpath("c", str(s), *["0"] * (len(self.shape) - 1))
 
     def chunk_path(self, k: int) -> Path:
@@ -119,32 +78,59 @@ class ShardedReader:
         return self._fill
 
     @property
+    def chunk_rows(self) -> int:
+        """Rows (elements, for 1-d arrays) per inner chunk."""
+        return self._chunk_rows
+
+    @property
     def chunk_items(self) -> int:
         """Items per inner chunk."""
         return self._chunk_rows * self._row_items
 
-    def chunk_index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """File offset (-1: not stored), stored size and file descriptor of every inner chunk."""
-        with self._lock:
-            cached = self._chunk_index
-        if cached is not None:
-            return cached
+    def open(self) -> ChunkIndex:
+        """Open every shard and read its (checksum-verified) index."""
         n_chunks = -(-self.shape[0] // self._chunk_rows)
-        shards = [self._shard(s) for s in range(-(-n_chunks // self._per_shard))]
-        index = np.concatenate([ix for _, ix in shards])[:n_chunks]
-        offset = np.where(index[:, 0] == _MISSING, np.uint64(2**63), index[:, 0]).astype(np.int64)
-        offset[index[:, 0] == _MISSING] = -1
-        fds = np.repeat(np.array([fd for fd, _ in shards], dtype=np.int64), self._per_shard)[:n_chunks]
-        table = (offset, index[:, 1].astype(np.int64), fds)
-        with self._lock:
-            self._chunk_index = table
-        return table
+        fds: list[int] = []
+        try:
+            indexes = [self._open_shard(s, fds) for s in range(-(-n_chunks // self._per_shard))]
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        index = np.concatenate(indexes)[:n_chunks]  # a shard zarr did not write holds only the fill value
+        missing = index[:, 0] == _MISSING
+        offset = np.where(missing, 0, index[:, 0]).astype(np.int64)
+        offset[missing] = -1
+        fd = np.repeat(np.array(fds, dtype=np.int64), self._per_shard)[:n_chunks]
+        paths = {f: self.shard_path(s) for s, f in enumerate(fds) if f >= 0}
+        return ChunkIndex(offset, index[:, 1].astype(np.int64), fd, fds, paths)
 
-    def plan_raw_reads(self, ranges: list[tuple[int, int, np.ndarray]], out: np.ndarray) -> RawReads:
+    def _open_shard(self, s: int, fds: list[int]) -> np.ndarray:
+        path = self.shard_path(s)
+        if not path.exists():
+            if self._complete:  # our writer stores every chunk, so a missing shard is damage, not zeros
+                raise FileNotFoundError(
+                    f"Shard {path} is missing; the collection is damaged. Rebuild it from its inputs."
+                )
+            fds.append(-1)  # zarr skips writing shards that hold only the fill value
+            return np.full((self._per_shard, 2), _MISSING, dtype=np.uint64)
+        fd = os.open(path, os.O_RDONLY)
+        fds.append(fd)
+        n = 16 * self._per_shard
+        raw = os.pread(fd, n + 4, os.fstat(fd).st_size - n - 4)  # the index, then its 4-byte crc32c
+        try:
+            payload = _CRC32C.decode(np.frombuffer(raw, dtype="u1"))
+        except RuntimeError as err:
+            raise OSError(f"Shard {path} is corrupt (index checksum mismatch): {err}") from err
+        return np.frombuffer(payload, dtype="<u8").reshape(-1, 2)
+
+    def plan_raw_reads(
+        self, index: ChunkIndex, ranges: list[tuple[int, int, np.ndarray]], out: np.ndarray
+    ) -> RawReads:
         """Vectored reads placing raw (uncompressed) rows straight at their destinations.
 
-        ``ranges`` holds ``(lo, hi, dest)``: rows ``lo:hi`` go to ``out[dest[i]]`` (``dest[i] < 0``:
-        discarded). Rows that follow each other in a shard file share one ``preadv`` call, so the read
+        ``index`` is this array, opened; ``ranges`` holds ``(lo, hi, dest)``: rows ``lo:hi`` go to
+        ``out[dest[i]]`` (``dest[i] < 0``: discarded). Rows that follow each other in a shard file share one ``preadv`` call, so the read
         itself does the shuffle with a single copy. The iovec table is built with numpy; Python's
         ``os.preadv`` would need one buffer object per row.
         """
@@ -152,7 +138,7 @@ class ShardedReader:
         rows = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi, _ in ranges])
         dest = np.concatenate([d for *_, d in ranges]).astype(np.int64)
         chunk = rows // self._chunk_rows
-        chunk_offset, _, fds = (a[chunk] for a in self.chunk_index())
+        chunk_offset, fds = index.offset[chunk], index.fd[chunk]
         missing = chunk_offset < 0
         if missing.any():  # chunks a writer skipped hold the fill value
             out[dest[missing & (dest >= 0)]] = self._fill
@@ -170,7 +156,28 @@ class ShardedReader:
         run_start = np.maximum.accumulate(np.where(new_run, np.arange(len(rows)), 0))
         first = np.flatnonzero((np.arange(len(rows)) - run_start) % _IOV_MAX == 0)
         count = np.diff(np.append(first, len(rows)))
-        return RawReads(iov, fds[first], first, count, file_offset[first])
+        return RawReads(iov, fds[first], first, count, file_offset[first], index.paths)
+
+
+@dataclass
+class ChunkIndex:
+    """Open shard files of one array and where each inner chunk lies in them; :meth:`close` when done."""
+
+    offset: np.ndarray  # file offset of every chunk (-1: not stored, it holds the fill value)
+    nbytes: np.ndarray  # stored size of every chunk
+    fd: np.ndarray  # file descriptor of every chunk's shard
+    files: list[int]  # the open descriptors
+    paths: dict[int, Path]  # the file of each descriptor, for error messages
+
+    def close(self) -> None:
+        """Close the shard files."""
+        files, self.files = self.files, []
+        for fd in files:
+            if fd >= 0:
+                os.close(fd)
+
+    def __del__(self):
+        self.close()
 
 
 @dataclass
@@ -182,6 +189,7 @@ class RawReads:
     first: np.ndarray
     count: np.ndarray
     offset: np.ndarray
+    paths: dict[int, Path]  # file of each descriptor
 
     @classmethod
     def concat(cls, parts: Sequence[RawReads]) -> RawReads:
@@ -189,10 +197,11 @@ class RawReads:
         base = np.cumsum([0] + [len(p.iov) for p in parts[:-1]])
         return cls(
             np.concatenate([p.iov for p in parts]),
-            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("fd",)),
+            np.concatenate([p.fd for p in parts]),
             np.concatenate([p.first + b for p, b in zip(parts, base, strict=True)]),
             np.concatenate([p.count for p in parts]),
             np.concatenate([p.offset for p in parts]),
+            {fd: path for p in parts for fd, path in p.paths.items()},
         )
 
     def split(self, n: int) -> list[RawReads]:
@@ -200,7 +209,7 @@ class RawReads:
         cuts = np.searchsorted(np.cumsum(self.count), np.linspace(0, self.count.sum(), n + 1)[1:-1])
         groups = [np.arange(a, b) for a, b in zip([0, *cuts], [*cuts, len(self.first)], strict=True)]
         return [
-            RawReads(self.iov, self.fd[g], self.first[g], self.count[g], self.offset[g])
+            RawReads(self.iov, self.fd[g], self.first[g], self.count[g], self.offset[g], self.paths)
             for g in groups
             if len(g)
         ]
@@ -209,7 +218,11 @@ class RawReads:
         """Make the calls (in numba, without the GIL)."""
         failed = _run_preadv(self.iov, self.fd, self.first, self.count, self.offset)
         if failed >= 0:
-            raise OSError(f"Short read from a shard (call {failed}); is the collection being rewritten?")
+            path = self.paths.get(int(self.fd[failed]), "a shard")
+            raise OSError(
+                f"Short read from {path} at byte {int(self.offset[failed])}: the shard is truncated or "
+                "being rewritten; rebuild the collection from its inputs."
+            )
 
 
 @numba.njit(nogil=True, cache=True)
@@ -238,10 +251,20 @@ class SpanReader:
             raise ValueError("A SpanReader reads arrays of one dtype.")
         self.dtype = present[0].dtype
         self._readers = list(readers)
-        tables = [r.chunk_index() if r is not None else _EMPTY_INDEX for r in readers]
-        sizes = [len(t[0]) for t in tables]
+        self._indexes: list[ChunkIndex] = []
+        try:
+            for r in present:
+                self._indexes.append(r.open())
+        except BaseException:
+            self.close()
+            raise
+        opened = iter(self._indexes)
+        tables = [next(opened) if r is not None else _EMPTY_INDEX for r in readers]
+        sizes = [len(t.offset) for t in tables]
         self._base = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        self._offset, self._nbytes, self._fd = (np.concatenate([t[i] for t in tables]) for i in range(3))
+        self._offset, self._nbytes, self._fd = (
+            np.concatenate([getattr(t, f) for t in tables]) for f in ("offset", "nbytes", "fd")
+        )
         self._chunk = np.array([r.chunk_items if r is not None else 1 for r in readers], dtype=np.int64)
         self._n_items = np.array(
             [r.shape[0] * r.row_items if r is not None else 0 for r in readers], np.int64
@@ -250,6 +273,11 @@ class SpanReader:
         self._fill = np.array([r.fill_value if r is not None else 0 for r in readers], dtype=self.dtype)
         self._max_nbytes = int(self._nbytes.max(initial=0))
         self._max_chunk = int(self._chunk.max(initial=1))
+
+    def close(self) -> None:
+        """Close the shard files."""
+        for index in self._indexes:
+            index.close()
 
     def read(
         self, spans: np.ndarray, lo: np.ndarray, hi: np.ndarray, dest: np.ndarray, out: np.ndarray
@@ -274,7 +302,7 @@ class SpanReader:
             )
 
 
-_EMPTY_INDEX = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64))
+_EMPTY_INDEX = ChunkIndex(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64), [], {})
 
 _libc = ctypes.CDLL(None)
 _IOV_MAX = 1024
@@ -380,8 +408,12 @@ def _scratch(n: int, dtype: np.dtype, role: str) -> np.ndarray:
     return cache[key]
 
 
-def sharded_reader(arr: zarr.Array) -> ShardedReader | None:
-    """A :class:`ShardedReader` for ``arr`` when its layout is one we read directly, else ``None``."""
+def sharded_reader(arr: zarr.Array, *, complete: bool = False) -> ShardedReader | None:
+    """A :class:`ShardedReader` for ``arr`` when its layout is one we read directly, else ``None``.
+
+    ``complete``: every shard was written (true of annbatch collections), so a missing shard file is
+    reported as damage instead of read as the fill value, as zarr would.
+    """
     if _decompress is None or _validate is None:  # numcodecs without c-blosc's C API: read through zarr
         return None
     if not isinstance(arr.store, LocalStore) or arr.metadata.zarr_format != 3:
@@ -408,4 +440,7 @@ def sharded_reader(arr: zarr.Array) -> ShardedReader | None:
     if list(inner[1:]) != list(shape[1:]) or list(outer[1:]) != list(shape[1:]):
         return None  # chunked along rows only
     root = Path(arr.store.root) / arr.path
-    return ShardedReader(root, shape, arr.dtype, inner[0], outer[0], len(names) == 2, arr.metadata.fill_value)
+    compressed = len(names) == 2
+    return ShardedReader(
+        root, shape, arr.dtype, inner[0], outer[0], compressed, arr.metadata.fill_value, complete
+    )

@@ -192,7 +192,9 @@ class Loader(_Base):
                 self.add_adata(load_adata(group))
             return self
         key = "X" if layer is None else f"layers/{layer}"
-        backings = [backing_from_zarr(group[key], name=f"{group.path}/{key}") for group in collection]
+        backings = [
+            backing_from_zarr(group[key], name=f"{group.path}/{key}", complete=True) for group in collection
+        ]
         self._obs_reader = collection.obs
         self._add_backings(backings, [None] * len(backings), var=collection.var)
         return self
