@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--join", choices=["outer", "inner"], default="outer")
     convert.add_argument("--no-shuffle", action="store_true", help="keep the input order")
     convert.add_argument("--memory-limit", type=_size, default=None, help="peak memory to plan for, e.g. 4GB")
-    convert.add_argument("--n-obs-per-chunk", type=int, default=64)
+    convert.add_argument("--n-obs-per-chunk", type=int, default=32)
     convert.add_argument("--shard-size", type=_size, default="1GB")
 
     info = sub.add_parser("info", help="describe a collection")

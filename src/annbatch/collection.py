@@ -229,7 +229,7 @@ class Collection:
         merge: Literal["same", "first"] | None = None,
         load_adata: LoadAdata | None = None,
         memory_limit: str | int | None = None,
-        n_obs_per_chunk: int = 64,
+        n_obs_per_chunk: int = 32,
         shard_size: str | int = "1GB",
         compressors: CompressorsLike = "auto",
         progress: bool = True,

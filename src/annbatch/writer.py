@@ -36,7 +36,7 @@ def write_sharded(
     group: zarr.Group,
     adata: ad.AnnData,
     *,
-    n_obs_per_chunk: int = 64,
+    n_obs_per_chunk: int = 32,
     shard_size: str | int = "1GB",
     compressors: CompressorsLike = "auto",
     key: str | None = None,
@@ -57,7 +57,9 @@ def write_sharded(
     adata
         The AnnData to write (in memory).
     n_obs_per_chunk
-        Rows per inner chunk: the unit of decoding when reading rows.
+        Rows per inner chunk: the unit of decoding when reading rows. Smaller chunks waste less
+        decoding on short random reads but compress a little worse and make more, smaller reads
+        on object storage.
     shard_size
         Rows per shard (``int``) or a target shard size in bytes (``"1GB"``, ``"512MB"``).
     compressors
@@ -91,7 +93,7 @@ def write_anndata(
     var: pd.DataFrame,
     rows: Mapping[str, Any],
     other: Mapping[str, Any] | None = None,
-    n_obs_per_chunk: int = 64,
+    n_obs_per_chunk: int = 32,
     shard_size: str | int = "1GB",
     compressors: CompressorsLike = "auto",
 ) -> zarr.Group:
