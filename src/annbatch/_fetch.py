@@ -68,27 +68,48 @@ class Fetcher:
         """Global requests (slices or an int array) as ``(dataset, start, stop)`` local ranges."""
         if isinstance(requests, np.ndarray):
             requests = _runs(requests)
+        starts = np.fromiter((r.start for r in requests), dtype=np.int64, count=len(requests))
+        stops = np.fromiter((r.stop for r in requests), dtype=np.int64, count=len(requests))
+        n = int(self._offsets[-1])
+        bad = (starts < 0) | (stops > n)
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            raise IndexError(f"Requested rows {starts[k]}:{stops[k]} are outside [0, {n}).")
+        keep = stops > starts
+        starts, stops = starts[keep], stops[keep]
+        first = np.searchsorted(self._offsets, starts, side="right") - 1
+        last = np.searchsorted(self._offsets, stops - 1, side="right") - 1
+        if (first == last).all():  # no request crosses a dataset boundary (the usual case)
+            base = self._offsets[first]
+            return list(zip(first.tolist(), (starts - base).tolist(), (stops - base).tolist(), strict=True))
         ranges = []
-        for req in requests:
-            start, stop = req.start, req.stop
-            if start < 0 or stop > self._offsets[-1]:
-                raise IndexError(f"Requested rows {start}:{stop} are outside [0, {int(self._offsets[-1])}).")
+        for d, start, stop in zip(first.tolist(), starts.tolist(), stops.tolist(), strict=True):
             while start < stop:
-                d = int(np.searchsorted(self._offsets, start, side="right")) - 1
                 end = min(stop, int(self._offsets[d + 1]))
                 ranges.append((d, start - int(self._offsets[d]), end - int(self._offsets[d])))
-                start = end
+                start, d = end, d + 1
         return ranges
 
     def global_rows(self, ranges: Sequence[Range]) -> np.ndarray:
         """Global row ids of the rows of ``ranges``, in order."""
-        parts = [np.arange(lo, hi, dtype=np.int64) + self._offsets[d] for d, lo, hi in ranges]
-        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+        if not ranges:
+            return np.empty(0, np.int64)
+        d, lo, hi = np.array(ranges, dtype=np.int64).T
+        return _concat_aranges(lo + self._offsets[d], hi - lo)
 
     def row_nnz(self, ranges: Sequence[Range]) -> np.ndarray:
         """Stored values per row of ``ranges`` (CSR), from the in-memory ``indptr``."""
-        parts = [np.diff(self._backings[d].indptr[lo : hi + 1]) for d, lo, hi in ranges]
-        return np.concatenate(parts) if parts else np.empty(0, np.int64)
+        if not ranges:
+            return np.empty(0, np.int64)
+        d, lo, hi = np.array(ranges, dtype=np.int64).T
+        rows = _concat_aranges(lo, hi - lo)
+        owner = np.repeat(d, hi - lo)
+        nnz = np.empty(len(rows), dtype=np.int64)
+        for k in np.unique(d).tolist():
+            here = owner == k
+            indptr = self._backings[k].indptr
+            nnz[here] = indptr[rows[here] + 1] - indptr[rows[here]]
+        return nnz
 
     def _spans_of(self, role: str) -> list[SpanReader | None]:
         """Per dataset, the span reader for its ``role`` array (``None``: not in our sharded layout)."""
@@ -112,23 +133,29 @@ class Fetcher:
             self._raw_indexes[id(source)] = source.open()
         return self._raw_indexes[id(source)]
 
-    def _span_tasks(self, role: str, spans: list[tuple[int, int, int]], lo, hi, dest, out) -> list[tuple]:
-        """Tasks reading ``spans`` (``(dataset, first, stop)`` into ``lo``/``hi``/``dest``) of ``role`` arrays."""
+    def _span_tasks(self, role: str, spans: np.ndarray, lo, hi, dest, out) -> list[tuple]:
+        """Tasks reading ``spans`` (rows ``(dataset, first, stop)`` into ``lo``/``hi``/``dest``) of ``role`` arrays."""
         readers = self._spans_of(role)
-        groups: dict[int, tuple[SpanReader, list]] = {}
-        for span in spans:
-            reader = readers[span[0]]
-            groups.setdefault(id(reader), (reader, []))[1].append(span)
         tasks = []
-        for reader, group in groups.values():
-            table = np.array(group, dtype=np.int64)
-            # Balance tasks by elements; a few per thread so a slow one does not hold up the load.
+        n_tasks = 2 * self._n_workers  # a few per thread, so one slow task does not hold up the load
+        for reader in {id(readers[d]): readers[d] for d in np.unique(spans[:, 0]).tolist()}.values():
+            table = _cut_long_spans(spans[[readers[d] is reader for d in spans[:, 0].tolist()]], n_tasks)
+            # Balance tasks by elements.
             size = hi[table[:, 2] - 1] - lo[table[:, 1]]
-            cuts = np.searchsorted(np.cumsum(size), np.linspace(0, size.sum(), 2 * self._n_workers + 1)[1:-1])
+            cuts = np.searchsorted(np.cumsum(size), np.linspace(0, size.sum(), n_tasks + 1)[1:-1])
             for part in np.split(table, np.unique(cuts)):
                 if len(part):
                     tasks.append((reader.read, part, lo, hi, dest, out))
         return tasks
+
+    @staticmethod
+    def _table(ranges: Sequence[Range]) -> np.ndarray:
+        """Ranges as an ``(n, 4)`` array: dataset, start, stop, and position of the first row in the load."""
+        table = np.zeros((len(ranges), 4), dtype=np.int64)
+        if len(ranges):
+            table[:, :3] = ranges
+            np.cumsum(table[:-1, 2] - table[:-1, 1], out=table[1:, 3])
+        return table
 
     # -- reading --------------------------------------------------------------------------------------------
     def dense_tasks(self, ranges: Sequence[Range], dest: np.ndarray, out: np.ndarray) -> list[tuple]:
@@ -136,28 +163,25 @@ class Fetcher:
 
         Data that is not in our sharded layout is read and placed right away.
         """
-        fallback, raw, spans, pos = [], {}, [], 0
-        items = int(np.prod(out.shape[1:], dtype=np.int64))
-        for d, lo, hi in ranges:
-            source, rows_dest = self._backings[d].array, dest[pos : pos + hi - lo]
+        table = self._table(ranges)
+        tasks, raw, spans, fallback = [], [], [], []
+        for d in np.unique(table[:, 0]).tolist():
+            part, source = table[table[:, 0] == d], self._backings[d].array
             if isinstance(source, ShardedReader) and not source.compressed and source.dtype == out.dtype:
-                raw.setdefault(id(source), (source, []))[1].append((lo, hi, rows_dest))
+                raw.append(source.plan_raw_reads(self._raw_index(source), part[:, 1:], dest, out))
             elif isinstance(source, ShardedReader):
-                spans.append((d, pos, pos + hi - lo))
+                spans.append(part)
             else:
-                fallback.append((source, lo, hi, rows_dest))
-            pos += hi - lo
-        tasks = []
+                fallback += [(source, lo, hi, dest[pos : pos + hi - lo]) for _, lo, hi, pos in part.tolist()]
         if spans:  # every row is a span of ``items`` elements
-            rows = np.concatenate([np.arange(lo, hi, dtype=np.int64) for _, lo, hi in ranges])
-            lo_e = rows * items
+            items = int(np.prod(out.shape[1:], dtype=np.int64))
+            lo_e = _concat_aranges(table[:, 1], table[:, 2] - table[:, 1]) * items
             dest_e = np.where(dest >= 0, dest * items, -1)
+            spans = np.concatenate(spans)
+            spans = np.stack([spans[:, 0], spans[:, 3], spans[:, 3] + spans[:, 2] - spans[:, 1]], axis=1)
             tasks += self._span_tasks("array", spans, lo_e, lo_e + items, dest_e, out.reshape(-1))
         if raw:
-            reads = RawReads.concat(
-                [source.plan_raw_reads(self._raw_index(source), parts, out) for source, parts in raw.values()]
-            )
-            tasks += [(part.run,) for part in reads.split(self._n_workers)]
+            tasks += [(part.run,) for part in RawReads.concat(raw).split(self._n_workers)]
         for *_, rows_dest, part in _read_ranges(fallback, out.dtype):
             valid = rows_dest >= 0
             out[rows_dest[valid]] = part[valid]
@@ -172,28 +196,51 @@ class Fetcher:
         """
         if not ranges:
             return []
-        lo = np.concatenate([self._backings[d].indptr[a:b] for d, a, b in ranges])
-        hi = np.concatenate([self._backings[d].indptr[a + 1 : b + 1] for d, a, b in ranges])
-        spans: dict[str, list] = {"data": [], "indices": []}
-        fallback, pos = [], 0
-        for d, a, b in ranges:
-            backing = self._backings[d]
-            row = slice(pos, pos + b - a)
-            pos += b - a
-            for role, out in (("data", out_data), ("indices", out_indices)):
-                source = getattr(backing, role)
-                if isinstance(source, ShardedReader):
-                    spans[role].append((d, row.start, row.stop))
-                else:
-                    e0, e1 = int(backing.indptr[a]), int(backing.indptr[b])
-                    fallback.append((source, e0, e1, (lo[row], hi[row], dest[row], out)))
+        table = self._table(ranges)
+        d, a, b, pos = table.T
+        rows, owner = _concat_aranges(a, b - a), np.repeat(d, b - a)
+        lo, hi = np.empty(len(rows), dtype=np.int64), np.empty(len(rows), dtype=np.int64)
+        for k in np.unique(d).tolist():  # element runs of the rows, from the in-memory indptr
+            here = owner == k
+            lo[here] = self._backings[k].indptr[rows[here]]
+            hi[here] = self._backings[k].indptr[rows[here] + 1]
+        spans = np.stack([d, pos, pos + b - a], axis=1)
+        tasks, fallback = [], []
+        for role, out in (("data", out_data), ("indices", out_indices)):
+            direct = np.array([isinstance(getattr(x, role), ShardedReader) for x in self._backings])[d]
+            if direct.any():
+                tasks += self._span_tasks(role, spans[direct], lo, hi, dest, out)
+            for k, first, stop in spans[~direct].tolist():
+                e0, e1 = int(lo[first]), int(hi[stop - 1])
+                row = slice(first, stop)
+                fallback.append(
+                    (getattr(self._backings[k], role), e0, e1, (lo[row], hi[row], dest[row], out))
+                )
         for _, e0, _, (row_lo, row_hi, rows_dest, out), part in _read_ranges(fallback, None):
             scatter_chunk(part, e0, row_lo, row_hi, rows_dest, out)
-        tasks = []
-        for role, out in (("data", out_data), ("indices", out_indices)):
-            if spans[role]:
-                tasks += self._span_tasks(role, spans[role], lo, hi, dest, out)
         return tasks
+
+
+def _cut_long_spans(spans: np.ndarray, n_tasks: int) -> np.ndarray:
+    """Spans ``(dataset, first, stop)`` cut at row boundaries so that ``n_tasks`` tasks can share them.
+
+    With fewer spans than tasks (long sequential reads), each span is cut into about equal pieces.
+    """
+    if len(spans) >= n_tasks:
+        return spans
+    pieces = -(-n_tasks // len(spans))
+    out = []
+    for d, first, stop in spans.tolist():
+        bounds = np.unique(np.linspace(first, stop, pieces + 1).astype(np.int64))
+        out += [(d, a, b) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+    return np.array(out, dtype=np.int64)
+
+
+def _concat_aranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(s, s + n) for s, n in zip(starts, lengths)])``, vectorised."""
+    total = int(lengths.sum())
+    ends = np.cumsum(lengths)
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - lengths), lengths)
 
 
 def _runs(rows: np.ndarray) -> list[slice]:

@@ -125,38 +125,24 @@ class ShardedReader:
         return np.frombuffer(payload, dtype="<u8").reshape(-1, 2)
 
     def plan_raw_reads(
-        self, index: ChunkIndex, ranges: list[tuple[int, int, np.ndarray]], out: np.ndarray
+        self, index: ChunkIndex, ranges: np.ndarray, dest: np.ndarray, out: np.ndarray
     ) -> RawReads:
         """Vectored reads placing raw (uncompressed) rows straight at their destinations.
 
-        ``index`` is this array, opened; ``ranges`` holds ``(lo, hi, dest)``: rows ``lo:hi`` go to
-        ``out[dest[i]]`` (``dest[i] < 0``: discarded). Rows that follow each other in a shard file share one ``preadv`` call, so the read
-        itself does the shuffle with a single copy. The iovec table is built with numpy; Python's
-        ``os.preadv`` would need one buffer object per row.
+        ``index`` is this array, opened; ``ranges`` is an ``(n, 3)`` array of ``(lo, hi, pos)``: rows
+        ``lo:hi`` go to ``out[dest[pos + i]]`` (``< 0``: discarded). Rows that follow each other in a
+        shard file share one ``preadv`` call, so the read itself does the shuffle with a single copy.
+        Chunks the writer did not store are filled with the fill value right away.
         """
-        row_bytes = self._row_items * self.dtype.itemsize
-        rows = np.concatenate([np.arange(lo, hi, dtype=np.int64) for lo, hi, _ in ranges])
-        dest = np.concatenate([d for *_, d in ranges]).astype(np.int64)
-        chunk = rows // self._chunk_rows
-        chunk_offset, fds = index.offset[chunk], index.fd[chunk]
-        missing = chunk_offset < 0
-        if missing.any():  # chunks a writer skipped hold the fill value
-            out[dest[missing & (dest >= 0)]] = self._fill
-            rows, dest, chunk, fds, chunk_offset = (
-                a[~missing] for a in (rows, dest, chunk, fds, chunk_offset)
-            )
-        file_offset = chunk_offset + (rows - chunk * self._chunk_rows) * row_bytes
-        iov = np.empty((len(rows), 2), dtype=np.uint64)
-        sink = _sink(row_bytes)  # discarded rows land here
-        iov[:, 0] = np.where(dest >= 0, out.ctypes.data + np.maximum(dest, 0) * row_bytes, sink.ctypes.data)
-        iov[:, 1] = row_bytes
-        # A call per run of rows that follow each other in one file, cut every _IOV_MAX rows.
-        new_run = np.ones(len(rows), dtype=bool)
-        new_run[1:] = (np.diff(file_offset) != row_bytes) | (np.diff(fds) != 0)
-        run_start = np.maximum.accumulate(np.where(new_run, np.arange(len(rows)), 0))
-        first = np.flatnonzero((np.arange(len(rows)) - run_start) % _IOV_MAX == 0)
-        count = np.diff(np.append(first, len(rows)))
-        return RawReads(iov, fds[first], first, count, file_offset[first], index.paths)
+        n_rows = int((ranges[:, 1] - ranges[:, 0]).sum())
+        iov = np.empty((n_rows, 2), dtype=np.uint64)
+        calls = np.empty((n_rows, 4), dtype=np.int64)  # fd, first iovec, iovecs, file offset
+        rows_out = out.reshape(len(out), -1)
+        fill = np.array(self._fill, dtype=out.dtype)
+        n_calls = _plan_preadv(ranges, dest, self._chunk_rows, index.offset, index.fd, rows_out, fill,
+                               _sink(rows_out.shape[1] * out.itemsize), iov, calls)  # fmt: skip
+        fd, first, count, offset = calls[:n_calls].T
+        return RawReads(iov, fd, first, count, offset, index.paths)
 
 
 @dataclass
@@ -223,6 +209,44 @@ class RawReads:
                 f"Short read from {path} at byte {int(self.offset[failed])}: the shard is truncated or "
                 "being rewritten; rebuild the collection from its inputs."
             )
+
+
+@numba.njit(nogil=True, cache=True)
+def _plan_preadv(
+    ranges, dest, chunk_rows, chunk_offset, chunk_fd, out, fill, sink, iov, calls
+):  # pragma: no cover
+    """Fill ``iov`` (one per row) and ``calls`` (fd, first iovec, count, file offset); return the call count."""
+    row_bytes = out.shape[1] * out.itemsize
+    n_iov = n_calls = 0
+    for r in range(ranges.shape[0]):
+        lo, hi, pos = ranges[r, 0], ranges[r, 1], ranges[r, 2]
+        for row in range(lo, hi):
+            d = dest[pos + row - lo]
+            k = row // chunk_rows
+            if chunk_offset[k] < 0:  # a chunk the writer did not store holds the fill value
+                if d >= 0:
+                    out[d, :] = fill
+                continue
+            at = chunk_offset[k] + (row - k * chunk_rows) * row_bytes
+            iov[n_iov, 0] = out[max(d, 0)].ctypes.data if d >= 0 else sink.ctypes.data
+            iov[n_iov, 1] = row_bytes
+            last = n_calls - 1
+            if (
+                n_calls == 0
+                or calls[last, 0] != chunk_fd[k]
+                or calls[last, 3] + calls[last, 2] * row_bytes != at
+                or calls[last, 2] == _IOV_MAX
+            ):
+                calls[n_calls, 0], calls[n_calls, 1], calls[n_calls, 2], calls[n_calls, 3] = (
+                    chunk_fd[k],
+                    n_iov,
+                    0,
+                    at,
+                )
+                n_calls += 1
+            calls[n_calls - 1, 2] += 1
+            n_iov += 1
+    return n_calls
 
 
 @numba.njit(nogil=True, cache=True)
