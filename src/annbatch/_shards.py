@@ -3,13 +3,15 @@
 zarr-python spends ~0.3–0.8 ms of Python per read call, which dominates when a load is hundreds of
 small contiguous runs (``chunk_size=32``). For the layout our writer produces — 1-D or row-chunked
 arrays, ``sharding_indexed`` with the index at the end, inner codecs ``bytes`` + optional ``blosc`` —
-this module keeps every shard's index in memory and reads a load without Python per chunk:
+this module opens each array's shards once per epoch (checking their index checksums) and reads a
+load without Python per chunk:
 
 - :class:`SpanReader` hands whole lists of element spans to a numba kernel that reads each inner
   chunk with ``pread``, decodes it with c-blosc (the copy numcodecs bundles, called through its C
   API) into a per-thread scratch buffer and copies the spans' parts to their destinations while the
   chunk is still in cache — no GIL held, so the thread pool really runs in parallel;
-- raw (uncompressed) rows are read by ``preadv`` straight into place (:meth:`ShardedReader.plan_raw_reads`).
+- raw (uncompressed) rows are read by ``preadv`` straight into place; the calls are planned and
+  issued from numba too (:meth:`ShardedReader.plan_raw_reads`, :class:`RawReads`).
 
 Anything else returns ``None`` from :func:`sharded_reader` and is read through zarr.
 """
@@ -237,12 +239,10 @@ def _plan_preadv(
                 or calls[last, 3] + calls[last, 2] * row_bytes != at
                 or calls[last, 2] == _IOV_MAX
             ):
-                calls[n_calls, 0], calls[n_calls, 1], calls[n_calls, 2], calls[n_calls, 3] = (
-                    chunk_fd[k],
-                    n_iov,
-                    0,
-                    at,
-                )
+                calls[n_calls, 0] = chunk_fd[k]
+                calls[n_calls, 1] = n_iov
+                calls[n_calls, 2] = 0
+                calls[n_calls, 3] = at
                 n_calls += 1
             calls[n_calls - 1, 2] += 1
             n_iov += 1
@@ -310,8 +310,6 @@ class SpanReader:
 
         Within one span, element runs must be increasing and not overlap (rows of a range, in order).
         """
-        if _decompress is None and self._compressed.any():
-            raise RuntimeError("c-blosc's C API is not available from numcodecs; read through zarr instead.")
         comp = _scratch(max(self._max_nbytes, 1), np.uint8, "compressed")
         chunk = _scratch(self._max_chunk, self.dtype, "decoded")
         status = np.zeros(2, dtype=np.int64)
