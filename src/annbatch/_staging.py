@@ -23,6 +23,10 @@ _JOURNAL = f"{STAGING}/journal.json"
 _OLD = f"{STAGING}/_replaced"
 
 
+class CommitError(OSError):
+    """Moving committed datasets into place failed; the journal finishes it on the next write-open."""
+
+
 class Staging:
     """The staging area of one collection group."""
 
@@ -39,9 +43,20 @@ class Staging:
         return zarr.open_group(self._store, path=self._prefix + f"{STAGING}/{name}", mode="w")
 
     def commit(self, names: list[str]) -> None:
-        """Move the staged groups ``names`` into place, replacing groups of the same name."""
+        """Move the staged groups ``names`` into place, replacing groups of the same name.
+
+        If moving fails after the journal is written (a network error on object storage), the
+        staged and replaced datasets stay in staging and the commit is finished the next time the
+        collection is opened for writing.
+        """
         self._write_journal(names)
-        self._apply_journal(names)
+        try:
+            self._apply_journal(names)
+        except Exception as err:
+            raise CommitError(
+                f"Moving the new datasets into place failed ({err}). Nothing is lost: open the collection "
+                "for writing (mode='a' or 'r+') to finish the commit from its journal."
+            ) from err
 
     def recover(self) -> None:
         """Finish an interrupted commit, then drop whatever else is left in staging."""
@@ -97,6 +112,9 @@ class Staging:
             (self._root / src).rename(self._root / dst)
             return
         sync(self._copy_prefix(self._prefix + src, self._prefix + dst))
+        # The source's zarr.json first: from then on recovery sees it as moved, never as a complete
+        # dataset to copy again over the finished copy.
+        sync(self._store.delete(self._prefix + f"{src}/zarr.json"))
         sync(self._store.delete_dir(self._prefix + src))
 
     async def _copy_prefix(self, src: str, dst: str) -> None:

@@ -160,10 +160,12 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
     try:
         for name, task in tqdm(tasks.items(), desc="Writing datasets", unit="dataset", disable=not progress):
             build_dataset(task, spec, staging.new_group(name), progress=progress)
-        staging.commit(list(tasks))
     except BaseException:
-        staging.discard()
+        staging.discard()  # nothing was committed: the collection is as it was
         raise
+    # Not under the discard above: once the journal is written, staging holds the datasets being
+    # replaced, and a failed commit is finished from the journal (Staging.commit says how).
+    staging.commit(list(tasks))
 
 
 def _n_anndata_sources(existing: Sequence[InputAnnData]) -> int:
