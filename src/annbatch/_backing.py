@@ -8,6 +8,7 @@ concurrently (by zarrs' Rust threads when the zarrs pipeline is active).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 import zarr
+from zarr.core.sync import sync
 
 from annbatch._shards import ShardedReader, sharded_reader
 from annbatch._zarr import zarrs_pipeline
@@ -74,8 +76,26 @@ def _fastest(arr: zarr.Array, complete: bool) -> zarr.Array | ShardedReader:
     reader = sharded_reader(arr, complete=complete)
     if reader is not None:
         return reader
+    if complete:  # zarr would read a missing shard as fill values: in a collection it is damage
+        _check_all_shards_stored(arr)
     # An array opened before the zarrs pipeline was set keeps zarr-python's pipeline: open it again.
     return zarr.open_array(arr.store, path=arr.path, mode="r")
+
+
+def _check_all_shards_stored(arr: zarr.Array) -> None:
+    """Raise when a (sharded) array of a collection lacks a shard or chunk object; one listing."""
+    grid = arr.shards or arr.chunks
+    expected = math.prod(-(-n // c) for n, c in zip(arr.shape, grid, strict=True))
+
+    async def count() -> int:
+        return len([k async for k in arr.store.list_prefix(f"{arr.path}/c/")])
+
+    found = sync(count())
+    if found < expected:
+        raise BackingError(
+            f"{arr.store} {arr.path!r} has {found} of its {expected} shard objects; the collection is "
+            "damaged. Rebuild it from its inputs."
+        )
 
 
 def backing_from_memory(value: Any, *, name: str) -> Backing:
