@@ -107,10 +107,6 @@ class Assembler:
             for b in range(len(bounds) - 1)
         ]
 
-    def batches(self, request: LoadRequest) -> list[Batch]:
-        """Read one load and return its mini-batches (no pipelining)."""
-        return self.collect(self.submit(request))
-
     @staticmethod
     def _cut(x: np.ndarray | RawCSR, a: int, b: int) -> np.ndarray | RawCSR:
         return rows_view(x, a, b) if isinstance(x, RawCSR) else x[a:b]

@@ -80,11 +80,6 @@ class ShardedReader:
         return self._fill
 
     @property
-    def chunk_rows(self) -> int:
-        """Rows (elements, for 1-d arrays) per inner chunk."""
-        return self._chunk_rows
-
-    @property
     def chunk_items(self) -> int:
         """Items per inner chunk."""
         return self._chunk_rows * self._row_items
