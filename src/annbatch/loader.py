@@ -348,6 +348,10 @@ class Loader(_Base):
         dtype = np.result_type(*{b.dtype for b in self._backings})
         assembler = Assembler(fetcher, dtype, first.shape[1], first.shape[1:], self._buffers)
         requests = iter(sampler.sample(self.n_obs))
+
+        def hand_out(load) -> list[dict[str, Any]]:
+            return [self._item(batch) for batch in assembler.collect(load)]
+
         pending = None
         try:
             while True:
@@ -357,13 +361,13 @@ class Loader(_Base):
                     break
                 except BaseException:
                     if pending is not None:  # what was read before the failure still reaches the consumer
-                        yield [self._item(batch) for batch in assembler.collect(pending)]
+                        yield hand_out(pending)
                     raise
                 if pending is not None:
-                    yield [self._item(batch) for batch in assembler.collect(pending)]
+                    yield hand_out(pending)
                 pending = submitted
             if pending is not None:
-                yield [self._item(batch) for batch in assembler.collect(pending)]
+                yield hand_out(pending)
         finally:
             fetcher.close()
 
