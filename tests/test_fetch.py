@@ -514,7 +514,7 @@ def test_carried_rows_with_many_loads_and_workers(csr_coll):
     for worker in range(3):
         sampler = RandomSampler(7, 5, 3, seed=2)
         sampler.set_worker(worker, 3)
-        loader = coll.loader(sampler=sampler, return_index=True)
+        loader = coll.loader(batch_sampler=sampler, return_index=True)
         for b in loader:
             rows = np.asarray(b["index"])
             np.testing.assert_array_equal(_dense(b["X"]), expected[rows])

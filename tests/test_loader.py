@@ -630,7 +630,7 @@ def test_to_numpy_is_default():
 def test_sequential_sampler_yields_rows_in_order(coll):
     collection, src = coll
     loader = collection.loader(
-        sampler=SequentialSampler(24, 8, 3), return_index=True, obs_columns=OBS_COLUMNS
+        batch_sampler=SequentialSampler(24, 8, 3), return_index=True, obs_columns=OBS_COLUMNS
     )
     assert isinstance(loader.batch_sampler, SequentialSampler)
     batches = check_epoch(loader, src, batch_size=24, drop_last=False)
@@ -671,7 +671,7 @@ def test_custom_sampler(coll):
         slice(N_OBS - 5, N_OBS),
         np.array([N_OBS - 1, 3, 4, 5, first, 2], dtype=np.int64),  # explicit rows, unsorted
     ]
-    loader = collection.loader(sampler=FixedSlices(requests), return_index=True, obs_columns=OBS_COLUMNS)
+    loader = collection.loader(batch_sampler=FixedSlices(requests), return_index=True, obs_columns=OBS_COLUMNS)
     assert loader.batch_size is None and len(loader) == len(requests)
     batches = list(loader)
     assert len(batches) == len(requests)
@@ -691,7 +691,7 @@ def test_distributed_sampler_ranks(sparse_coll, equal_batches):
         sampler = DistributedSampler(
             RandomSampler(20, 8, 4, seed=9), rank=rank, world_size=world, equal_batches=equal_batches
         )
-        loader = collection.loader(sampler=sampler, return_index=True)
+        loader = collection.loader(batch_sampler=sampler, return_index=True)
         batches = list(loader)
         assert len(batches) == len(loader)
         for b in batches:
@@ -702,7 +702,7 @@ def test_distributed_sampler_ranks(sparse_coll, equal_batches):
     assert len(np.unique(everything)) == len(everything), "ranks overlap"
     if equal_batches:
         assert len({len(b) for b in per_rank}) == 1
-        assert len(everything) > src.n_obs - world * 20
+        assert len(everything) > src.n_obs - world * (20 + 8 * 4)  # at most about a load per rank
     else:
         np.testing.assert_array_equal(np.sort(everything), np.arange(src.n_obs))
 
@@ -710,12 +710,12 @@ def test_distributed_sampler_ranks(sparse_coll, equal_batches):
 def test_masked_and_replacement_samplers(sparse_coll):
     collection, src = sparse_coll
     loader = collection.loader(
-        sampler=RandomSampler(10, 4, 3, mask=slice(100, 333), seed=0), return_index=True
+        batch_sampler=RandomSampler(10, 4, 3, mask=slice(100, 333), seed=0), return_index=True
     )
     idx = _indices(list(loader))
     np.testing.assert_array_equal(np.sort(idx), np.arange(100, 333))
     loader = collection.loader(
-        sampler=RandomSampler(10, 4, 3, replacement=True, num_samples=75, seed=0), return_index=True
+        batch_sampler=RandomSampler(10, 4, 3, replacement=True, num_samples=75, seed=0), return_index=True
     )
     batches = list(loader)
     assert len(batches) == len(loader) == 8 and sum(_sizes(batches)) == 75
@@ -726,7 +726,7 @@ def test_masked_and_replacement_samplers(sparse_coll):
 def test_sampler_mask_out_of_range_is_refused_when_data_is_added(sparse_coll):
     collection, _ = sparse_coll
     with pytest.raises(ValueError, match="mask"):
-        collection.loader(sampler=RandomSampler(10, 4, 3, mask=slice(0, N_OBS + 1), seed=0))
+        collection.loader(batch_sampler=RandomSampler(10, 4, 3, mask=slice(0, N_OBS + 1), seed=0))
     with pytest.raises(ValueError, match="mask"):
         annbatch.Loader(batch_sampler=RandomSampler(2, 2, 1, mask=slice(5, 30))).add_dataset(
             np.zeros((20, 2))
@@ -770,7 +770,7 @@ def test_custom_requests_with_unused_rows_and_carry(coll):
          "carry": np.array([28, 10, 11])},
         {"requests": np.array([640, 2, 1, 0]), "splits": [np.array([0, 3, 6]), np.array([1, 2, 4, 5])]},
     ]  # fmt: skip
-    loader = collection.loader(sampler=ExplicitLoads(requests), return_index=True, obs_columns=OBS_COLUMNS)
+    loader = collection.loader(batch_sampler=ExplicitLoads(requests), return_index=True, obs_columns=OBS_COLUMNS)
     batches = list(loader)
     expected = _explicit_rows(requests)
     assert len(batches) == len(expected) == len(loader)
@@ -785,7 +785,7 @@ def test_custom_split_may_repeat_a_row(coll, source):
     collection, src = coll
     requests = [{"requests": [slice(0, 4)], "splits": [np.array([0, 1, 1, 2, 3, 3])]}]
     if source == "collection":
-        loader = collection.loader(sampler=ExplicitLoads(requests), return_index=True)
+        loader = collection.loader(batch_sampler=ExplicitLoads(requests), return_index=True)
     else:
         loader = annbatch.Loader(batch_sampler=ExplicitLoads(requests), return_index=True).add_dataset(src.X)
     (batch,) = list(loader)
@@ -797,7 +797,7 @@ def test_custom_request_out_of_range_raises(sparse_coll):
     collection, _ = sparse_coll
     requests = [{"requests": [slice(N_OBS - 2, N_OBS + 3)], "splits": [np.arange(5)]}]
     with pytest.raises(IndexError):
-        list(collection.loader(sampler=ExplicitLoads(requests)))
+        list(collection.loader(batch_sampler=ExplicitLoads(requests)))
     assert _wait_no_prefetch_threads() == []
 
 
@@ -866,7 +866,7 @@ class FailingSampler(Sampler):
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_exception_in_producer_reaches_consumer(sparse_coll, prefetch):
     collection, _ = sparse_coll
-    loader = collection.loader(sampler=FailingSampler(), prefetch=prefetch)
+    loader = collection.loader(batch_sampler=FailingSampler(), prefetch=prefetch)
     got = []
     with pytest.raises(RuntimeError, match="sampler broke"):
         for b in loader:

@@ -221,11 +221,11 @@ def test_nan_in_categorical_key_is_code_minus_one(tmp_path: Path):
     # key-aware samplers never yield rows whose key is missing; homogeneous still covers every labelled row
     labelled = np.flatnonzero(ref.obs["donor"].notna().to_numpy())
     homogeneous = ref.coll.loader(batch_size=16, chunk_size=8, preload_nchunks=4, seed=0, return_index=True,
-                                  batch_key="donor", sampler="homogeneous")  # fmt: skip
+                                  batch_key="donor", batch_sampler="homogeneous")  # fmt: skip
     rows = np.concatenate([b["index"] for b in homogeneous])
     np.testing.assert_array_equal(np.sort(rows), labelled)
     balanced = ref.coll.loader(batch_size=16, chunk_size=8, preload_nchunks=4, seed=0, return_index=True,
-                               batch_key="donor", sampler="balanced", num_samples=600)  # fmt: skip
+                               batch_key="donor", batch_sampler="balanced", num_samples=600)  # fmt: skip
     batches = list(balanced)
     assert all((np.asarray(b["batch"]) >= 0).all() for b in batches)
     assert sum(len(b["index"]) for b in batches) == 600
@@ -353,7 +353,7 @@ def _single_valued(ref: Ref, batch: dict, key: str = "donor") -> str:
 def test_homogeneous_batches_single_valued_every_row_once(sparse_ref: Ref):
     loader = sparse_ref.coll.loader(batch_size=24, chunk_size=16, preload_nchunks=4, seed=0, return_index=True,
                                     obs_keys=["cell_type", "n_counts"], batch_key="donor",
-                                    sampler="homogeneous")  # fmt: skip
+                                    batch_sampler="homogeneous")  # fmt: skip
     assert type(loader.batch_sampler).__name__ == "ClassSampler"
     for _epoch_no in range(2):
         batches = list(loader)
@@ -381,7 +381,7 @@ def test_homogeneous_property(sparse_ref: Ref, batch_size, chunk_size, preload_n
     if batch_size > chunk_size * preload_nchunks:
         batch_size = chunk_size * preload_nchunks
     loader = sparse_ref.coll.loader(batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks,
-                                    seed=seed, return_index=True, batch_key="donor", sampler="homogeneous",
+                                    seed=seed, return_index=True, batch_key="donor", batch_sampler="homogeneous",
                                     drop_last=drop_last, prefetch=0)  # fmt: skip
     batches = list(loader)
     rows = np.concatenate([b["index"] for b in batches]) if batches else np.empty(0, dtype=np.int64)
@@ -397,7 +397,7 @@ def test_homogeneous_property(sparse_ref: Ref, batch_size, chunk_size, preload_n
         assert len(rows) == int((sizes // batch_size * batch_size).sum())
     again = [b["index"] for b in sparse_ref.coll.loader(
         batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks, seed=seed,
-        return_index=True, batch_key="donor", sampler="homogeneous", drop_last=drop_last)]  # fmt: skip
+        return_index=True, batch_key="donor", batch_sampler="homogeneous", drop_last=drop_last)]  # fmt: skip
     assert len(again) == len(batches)
     for a, b in zip(again, batches, strict=True):
         np.testing.assert_array_equal(a, b["index"])
@@ -407,7 +407,7 @@ def test_homogeneous_class_weights_follow_weights(sparse_ref: Ref):
     weights = {"donor_0": 1.0, "donor_1": 2.0, "donor_2": 5.0}
     bs = 8
     loader = sparse_ref.coll.loader(batch_size=bs, chunk_size=16, preload_nchunks=2, seed=0, return_index=True,
-                                    batch_key="donor", sampler="homogeneous", class_weights=weights,
+                                    batch_key="donor", batch_sampler="homogeneous", class_weights=weights,
                                     num_samples=bs * 500)  # fmt: skip
     labels = []
     total = 0
@@ -424,7 +424,7 @@ def test_homogeneous_class_weights_follow_weights(sparse_ref: Ref):
 
     # a label left out of the mapping gets weight 0 and is never drawn
     partial = sparse_ref.coll.loader(batch_size=bs, chunk_size=16, preload_nchunks=2, seed=1, return_index=True,
-                                     batch_key="donor", sampler="homogeneous",
+                                     batch_key="donor", batch_sampler="homogeneous",
                                      class_weights={"donor_0": 1.0, "donor_2": 1.0})  # fmt: skip
     assert {_single_valued(sparse_ref, b) for b in partial} == {"donor_0", "donor_2"}
 
@@ -485,7 +485,7 @@ def test_balanced_uniform_on_imbalanced_collection(imbalanced_ref: Ref):
     assert imbalanced_ref.obs["donor"].value_counts(normalize=True)["d_big"] == pytest.approx(0.7)
     chunk, n = 10, 24_000
     loader = imbalanced_ref.coll.loader(batch_size=200, chunk_size=chunk, preload_nchunks=20, seed=0,
-                                        return_index=True, batch_key="donor", sampler="balanced",
+                                        return_index=True, batch_key="donor", batch_sampler="balanced",
                                         num_samples=n)  # fmt: skip
     assert type(loader.batch_sampler).__name__ == "WeightedSampler"
     assert len(loader) == n // 200
@@ -498,7 +498,7 @@ def test_balanced_with_user_weights_and_num_samples(imbalanced_ref: Ref):
     chunk, n = 10, 20_001
     weights = {"d_big": 1.0, "d_mid": 0.0, "d_small": 3.0}
     loader = imbalanced_ref.coll.loader(batch_size=250, chunk_size=chunk, preload_nchunks=25, seed=5,
-                                        return_index=True, batch_key="donor", sampler="balanced",
+                                        return_index=True, batch_key="donor", batch_sampler="balanced",
                                         class_weights=weights, num_samples=n)  # fmt: skip
     shares, total = _row_shares(imbalanced_ref, loader)
     assert total == n
@@ -508,7 +508,7 @@ def test_balanced_with_user_weights_and_num_samples(imbalanced_ref: Ref):
     assert batches_sizes[:-1] == [250] * (len(batches_sizes) - 1) and sum(batches_sizes) == n
     # default num_samples: one epoch's worth of rows
     default = imbalanced_ref.coll.loader(batch_size=100, chunk_size=chunk, preload_nchunks=10, seed=0,
-                                         return_index=True, batch_key="donor", sampler="balanced")  # fmt: skip
+                                         return_index=True, batch_key="donor", batch_sampler="balanced")  # fmt: skip
     assert sum(len(b["index"]) for b in default) == 1_000
 
 
@@ -535,7 +535,7 @@ def test_argument_errors(sparse_ref: Ref):
     coll = sparse_ref.coll
     for sampler in ("homogeneous", "balanced"):
         with pytest.raises(ValueError, match="batch_key"):
-            coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, sampler=sampler)
+            coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, batch_sampler=sampler)
     with pytest.raises(ValueError, match="not both"):
         coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, obs_columns=["donor"], obs_keys=["donor"])
     with pytest.raises(ValueError, match="not both"):
@@ -545,15 +545,15 @@ def test_argument_errors(sparse_ref: Ref):
             batch_size=8, chunk_size=8, preload_nchunks=2, batch_key="donor", class_weights={"donor_0": 1}
         )
     with pytest.raises(ValueError, match="homogeneous|balanced"):
-        coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, sampler="stratified", batch_key="donor")
+        coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, batch_sampler="stratified", batch_key="donor")
     with pytest.raises(TypeError, match="categorical"):
-        coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, batch_key="n_genes", sampler="homogeneous")
+        coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, batch_key="n_genes", batch_sampler="homogeneous")
 
 
 @pytest.mark.parametrize("sampler", ["homogeneous", "balanced"])
 def test_class_weights_with_unknown_label(sparse_ref: Ref, sampler):
     with pytest.raises(ValueError, match="donor_404") as err:
-        sparse_ref.coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, batch_key="donor", sampler=sampler,
+        sparse_ref.coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, batch_key="donor", batch_sampler=sampler,
                                class_weights={"donor_0": 1.0, "donor_404": 2.0})  # fmt: skip
     assert "donor_0" in str(err.value)  # the known labels are listed too
 
@@ -564,7 +564,7 @@ def test_key_sampler_on_collection_without_groupby(dense_ref: Ref, sampler):
     assert runs > N_OBS / 4  # the donors really are scattered
     with pytest.raises(ValueError, match="groupby") as err:
         loader = dense_ref.coll.loader(batch_size=32, chunk_size=32, preload_nchunks=2, seed=0,
-                                       batch_key="donor", sampler=sampler)  # fmt: skip
+                                       batch_key="donor", batch_sampler=sampler)  # fmt: skip
         next(iter(loader))
     for label in ("donor_0", "donor_1", "donor_2"):
         assert label in str(err.value)
@@ -582,7 +582,7 @@ def test_key_sampler_error_raised_when_loader_is_built(dense_ref: Ref):
     """Scattered runs are reported by ``collection.loader(...)`` itself, before any iteration."""
     with pytest.raises(ValueError, match="groupby"):
         dense_ref.coll.loader(batch_size=32, chunk_size=32, preload_nchunks=2, seed=0, batch_key="donor",
-                              sampler="homogeneous")  # fmt: skip
+                              batch_sampler="homogeneous")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,8 +17,12 @@ from annbatch.samplers import DistributedSampler, RandomSampler, SequentialSampl
 FAST = settings(max_examples=60, deadline=None)
 
 
-def resolve(stream) -> tuple[list[np.ndarray], list[dict]]:
-    """Turn a stream of LoadRequests into batches of global row ids, checking the carry contract."""
+def resolve(stream, *, every_row: bool = True) -> tuple[list[np.ndarray], list[dict]]:
+    """Turn a stream of LoadRequests into batches of global row ids, checking the carry contract.
+
+    ``every_row=False`` allows loads that read rows they do not use (a distributed sampler's loads
+    re-read the rows carried into them, which their origin load reads too).
+    """
     batches: list[np.ndarray] = []
     requests = list(stream)
     carried = np.empty(0, dtype=np.int64)
@@ -38,7 +42,7 @@ def resolve(stream) -> tuple[list[np.ndarray], list[dict]]:
         used = np.concatenate(parts)
         # each loaded row goes to at most one batch (or the carry)
         assert len(np.unique(used)) == len(used) and used.min() >= 0 and used.max() < len(loaded)
-        if k < len(requests) - 1:
+        if k < len(requests) - 1 and every_row:
             assert len(used) == len(loaded), "non-final requests use every loaded row"
         else:
             assert "carry" not in req, "the final request carries nothing"
@@ -51,7 +55,7 @@ def worker_batches(sampler: Sampler, n_obs: int, num_workers: int) -> list[list[
     out = []
     for w in range(num_workers):
         sampler.set_worker(w, num_workers)
-        batches, _ = resolve(sampler.sample(n_obs))
+        batches, _ = resolve(sampler.sample(n_obs), every_row=not isinstance(sampler, DistributedSampler))
         assert sampler.n_iters(n_obs) == len(batches)
         out.append(batches)
     return out
@@ -142,38 +146,131 @@ def test_workers_disjoint_and_counts_seed_independent(cfg):
         assert len(flat(resolve(other.sample(n_obs))[0])) == len(per_worker[i])
 
 
+def shares(ds: DistributedSampler, n_obs: int, world: int, num_workers: int) -> list[list[np.ndarray]]:
+    """Batches of every (rank, worker) share of a distributed sampler, as global rows."""
+    out = []
+    for rank in range(world):
+        ds._rank, ds._world_size = rank, world
+        out.extend(worker_batches(ds, n_obs, num_workers))
+    return out
+
+
+def global_rows(cfg: dict, n_obs: int, epoch: int = 0) -> np.ndarray:
+    inner = make(cfg)
+    inner.set_epoch(epoch)
+    return flat(resolve(inner.sample(n_obs))[0])
+
+
 @FAST
 @given(cfg=configs(), world=st.integers(1, 4), equal=st.booleans())
 def test_distributed_shards(cfg, world, equal):
     n_obs, w, bs = cfg["n_obs"], cfg["num_workers"], cfg["batch_size"]
-    expected = masked_rows(n_obs, cfg["mask"])
-    if len(expected) < world:
-        with pytest.raises(ValueError, match="world_size"):
-            DistributedSampler(make(cfg), rank=0, world_size=world).validate(n_obs)
-        return
-    counts, rows_by_rank = [], []
-    for rank in range(world):
-        user = make(cfg)
-        ds = DistributedSampler(user, rank=rank, world_size=world, equal_batches=equal)
-        ds.set_epoch(1)
-        assert user.epoch == 1 and user.mask == cfg["mask"], "wrapped sampler keeps its mask"
-        per_worker = worker_batches(ds, n_obs, w)
-        for batches in per_worker:
-            check_sizes(batches, bs, cfg["drop_last"])
-        counts.append(sum(map(len, per_worker)))
-        rows = flat([flat(b) for b in per_worker])
-        assert len(np.unique(rows)) == len(rows)
-        # contiguous shard of the masked rows
-        n = len(expected)
-        shard = expected[rank * n // world : (rank + 1) * n // world]
-        assert np.isin(rows, shard).all()
-        if not equal and not cfg["drop_last"]:
-            assert np.array_equal(np.sort(rows), shard)
-        rows_by_rank.append(rows)
+    user = make(cfg)
+    ds = DistributedSampler(user, rank=0, world_size=world, equal_batches=equal)
+    ds.set_epoch(1)
+    assert user.epoch == 1 and user.mask == cfg["mask"], "wrapped sampler keeps its settings"
+    per_share = shares(ds, n_obs, world, w)
+    for batches in per_share:
+        check_sizes(batches, bs, cfg["drop_last"])
+    rows = flat([flat(b) for b in per_share])
+    assert len(np.unique(rows)) == len(rows), "shares overlap"
+    everything = global_rows(cfg, n_obs, epoch=1)  # one global order, whatever the world size
+    assert np.isin(rows, everything).all()
     if equal:
-        assert len(set(counts)) == 1
-    all_rows = np.concatenate(rows_by_rank)
-    assert len(np.unique(all_rows)) == len(all_rows)
+        assert len({len(b) for b in per_share}) == 1
+    else:
+        assert np.array_equal(np.sort(rows), np.sort(everything))
+
+
+class _Labelled(Sampler):
+    """A custom sampler whose loads carry rows into the next: any sampler can be distributed."""
+
+    def __init__(self, n_loads: int, rows: int, batch_size: int, seed: int):
+        self._n, self._rows, self._bs, self._seed = n_loads, rows, batch_size, seed
+
+    @property
+    def batch_size(self) -> int:
+        return self._bs
+
+    def sample(self, n_obs):
+        rng = np.random.default_rng([self._seed, self._epoch])
+        carried = 0
+        for i in range(self._n):
+            start = i * self._rows
+            loaded = carried + self._rows
+            order = rng.permutation(loaded)
+            n_full = loaded // self._bs
+            req = {"requests": [slice(start, start + self._rows)],
+                   "splits": [order[j * self._bs : (j + 1) * self._bs] for j in range(n_full)]}
+            rest = order[n_full * self._bs :]
+            if i == self._n - 1:
+                if len(rest):
+                    req["splits"].append(rest)
+            elif len(rest):
+                req["carry"] = rest
+            carried = len(rest) if i < self._n - 1 else 0
+            yield req
+
+    def n_iters(self, n_obs):
+        return -(-self._n * self._rows // self._bs)
+
+
+@FAST
+@given(n_loads=st.integers(1, 12), rows=st.integers(3, 40), bs=st.integers(1, 3), world=st.integers(1, 4))
+def test_distributed_wraps_custom_samplers(n_loads, rows, bs, world):
+    bs = min(bs * 5, rows)
+    n_obs = n_loads * rows
+    ds = DistributedSampler(_Labelled(n_loads, rows, bs, seed=3), rank=0, world_size=world, equal_batches=False)
+    per_share = shares(ds, n_obs, world, 1)
+    rows_ = flat([flat(b) for b in per_share])
+    assert np.array_equal(np.sort(rows_), np.arange(n_obs)), "carried rows reach exactly one rank"
+
+
+def test_distributed_wraps_class_and_weighted_samplers():
+    from annbatch.samplers import ClassSampler, WeightedSampler
+
+    labels = np.repeat(np.array(["a", "b", "c"]), [300, 500, 200])
+    for inner in (ClassSampler(labels, 16, 8, 4, seed=1), WeightedSampler(labels, 16, 8, 4, num_samples=640, seed=1)):
+        per_share = shares(DistributedSampler(inner, rank=0, world_size=3), len(labels), 3, 1)
+        assert len({len(b) for b in per_share}) == 1 and len(per_share[0]) > 0
+        if isinstance(inner, ClassSampler):
+            rows = flat([flat(b) for b in per_share])
+            assert len(np.unique(rows)) == len(rows)
+            for b in (x for share in per_share for x in share):
+                assert len(set(labels[b])) == 1, "batches stay homogeneous"
+
+
+def consume(ds: DistributedSampler, n_obs: int, world: int, k: int | None, history=()) -> list[np.ndarray]:
+    """Rows of the first ``k`` (``None``: all) batches of every rank of a (possibly resumed) run."""
+    out = []
+    for rank in range(world):
+        ds._rank, ds._world_size = rank, world
+        batches, _ = resolve(ds._resumed(history).sample(n_obs), every_row=False)
+        out.extend(batches[:k])
+    return out
+
+
+@FAST
+@given(cfg=configs(max_n=3000), worlds=st.lists(st.integers(1, 4), min_size=2, max_size=3),
+       fracs=st.lists(st.floats(0, 1), min_size=3, max_size=3), equal=st.booleans())
+def test_elastic_resumption_never_repeats_a_row(cfg, worlds, fracs, equal):
+    cfg = {**cfg, "num_workers": 1}
+    n_obs = cfg["n_obs"]
+    ds = DistributedSampler(make(cfg), rank=0, world_size=1, equal_batches=equal)
+    seen, history = [], []
+    for i, world in enumerate(worlds):
+        ds._rank, ds._world_size = 0, world
+        n = ds._resumed(history).n_iters(n_obs)
+        last = i == len(worlds) - 1
+        k = None if last else int(fracs[i] * n)  # the last run goes to the end on every rank
+        seen.extend(consume(ds, n_obs, world, k, history))
+        history.append((world, k))
+    rows = flat(seen)
+    assert len(np.unique(rows)) == len(rows), "a row was yielded twice in the epoch"
+    everything = global_rows(cfg, n_obs)
+    assert np.isin(rows, everything).all()
+    if not equal:
+        assert np.array_equal(np.sort(rows), np.sort(everything)), "rows are lost only by truncation"
 
 
 @FAST
@@ -415,7 +512,7 @@ def test_distributed_num_samples_shared():
     for rank in range(world):
         inner = RandomSampler(7, 5, 3, num_samples=301, seed=0)
         ds = DistributedSampler(inner, rank=rank, world_size=world, equal_batches=False)
-        rows.append(flat(resolve(ds.sample(n_obs))[0]))
+        rows.append(flat(resolve(ds.sample(n_obs), every_row=False)[0]))
     assert sum(map(len, rows)) == 301
     assert len(np.unique(np.concatenate(rows))) == 301
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -312,27 +313,44 @@ class Collection:
         return_index: bool = False,
         drop_last: bool = False,
         to: Target = None,
-        sampler: Sampler | Literal["homogeneous", "balanced"] | None = None,
+        batch_sampler: Sampler | Literal["homogeneous", "balanced"] | None = None,
         class_weights: Mapping | Sequence[float] | None = None,
         num_samples: int | None = None,
         prefetch: int = 2,
+        preload_to_gpu: bool = False,
         layer: str | None = None,
+        sampler: Sampler | Literal["homogeneous", "balanced"] | None = None,
     ) -> Loader:
         """A :class:`~annbatch.Loader` over this collection's ``X`` (or ``layers[layer]``).
 
         Reads ``preload_nchunks`` random runs of ``chunk_size`` contiguous rows at once, shuffles them in
-        memory and yields mini-batches of ``batch_size`` rows; see :class:`~annbatch.Loader` for the
-        parameters. ``sampler`` replaces the default :class:`~annbatch.samplers.RandomSampler`;
-        ``sampler="homogeneous"`` (one ``batch_key`` value per batch) and ``sampler="balanced"``
-        (``batch_key`` values drawn uniformly or by ``class_weights``) are shorthands.
+        memory and yields mini-batches of ``batch_size`` rows (:class:`~annbatch.types.Batch` dicts).
+        The parameters are those of :class:`~annbatch.Loader`, with defaults for training
+        (``batch_size=4096``, ``chunk_size=256``, ``preload_nchunks=32``, ``shuffle=True``), plus
+        ``layer`` to read ``layers[layer]`` instead of ``X``. ``batch_sampler`` replaces the default
+        :class:`~annbatch.samplers.RandomSampler`; ``batch_sampler="homogeneous"`` (one ``batch_key``
+        value per batch) and ``"balanced"`` (``batch_key`` values drawn uniformly or by
+        ``class_weights``) are shorthands. ``sampler`` is the former name of ``batch_sampler``
+        (deprecated).
         """
         from annbatch.loader import Loader  # imports torch when installed: only when a loader is made
 
+        if sampler is not None:
+            if batch_sampler is not None:
+                raise ValueError("Give `batch_sampler` only; `sampler` is its former name.")
+            warnings.warn(
+                "`Collection.loader(sampler=...)` is deprecated; call it `batch_sampler=...` "
+                "(the name annbatch.Loader and torch use).",
+                FutureWarning,
+                stacklevel=2,
+            )
+            batch_sampler = sampler
+
         loader = Loader(
             batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks, shuffle=shuffle,
-            drop_last=drop_last, seed=seed, rng=rng, return_index=return_index, to=to, batch_sampler=sampler,
+            drop_last=drop_last, seed=seed, rng=rng, return_index=return_index, to=to, batch_sampler=batch_sampler,
             obs_columns=obs_columns, obs_keys=obs_keys, batch_key=batch_key, class_weights=class_weights,
-            num_samples=num_samples, prefetch=prefetch,
+            num_samples=num_samples, prefetch=prefetch, preload_to_gpu=preload_to_gpu,
         )  # fmt: skip
         return loader.use_collection(self, layer=layer)
 

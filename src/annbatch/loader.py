@@ -12,6 +12,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from annbatch import types
 from annbatch._assemble import Assembler, Batch
 from annbatch._backing import Backing, BackingError, backing_from_memory, backing_from_zarr
 from annbatch._buffers import BufferPool
@@ -19,11 +20,13 @@ from annbatch._convert import Target, check_target, convert
 from annbatch._fetch import Fetcher
 from annbatch._obs import ObsTable
 from annbatch._prefetch import Prefetcher
+from annbatch._resume import Progress
 from annbatch.abc import Sampler
 from annbatch.samplers import ClassSampler, RandomSampler, WeightedSampler
 
 if TYPE_CHECKING:
     from annbatch.collection import Collection
+    from annbatch.types import LoadRequest
 
 try:  # A torch IterableDataset when torch is there (DataLoader then treats it as iterable-style).
     from torch.utils.data import IterableDataset as _Base
@@ -176,7 +179,7 @@ class Loader(_Base):
         self._obs: list[pd.DataFrame | None] = []
         self._obs_reader: Callable[[Sequence[str] | None], pd.DataFrame] | None = None
         self._var: pd.DataFrame | None = None
-        self._epoch = 0
+        self._progress = Progress()
 
     # -- adding data -----------------------------------------------------------------------------------------
     def use_collection(
@@ -307,7 +310,7 @@ class Loader(_Base):
         so up to ``num_workers - 1`` more (smaller) batches may come back than this count.
         """
         self._require_data()
-        return self._sampler.n_iters(self.n_obs)
+        return self._progress.length(self._epoch_sampler(), self.n_obs)
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch the next iteration uses (each iteration otherwise advances it by one).
@@ -315,7 +318,46 @@ class Loader(_Base):
         Call this every epoch when the loader runs inside :class:`torch.utils.data.DataLoader` workers,
         which get a fresh copy of the loader per epoch unless ``persistent_workers=True``.
         """
-        self._epoch = int(epoch)
+        self._progress.load_state_dict({"version": 1, "epoch": epoch, "runs": []})
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where iteration stands: the epoch, and the mini-batches yielded of it so far.
+
+        The state counts batches handed to the consumer (not loads read ahead in the background). It
+        is a small dict of integers: ``{"version": 1, "epoch": e, "runs": [[world_size, batches], ...]}``
+        where each run of an interrupted epoch records its number of ranks and the batches each rank
+        yielded. Between epochs it names the next epoch. Lightning saves it into checkpoints (a
+        loader is a stateful dataloader) and restores it on resumption.
+
+        Guarantees, given the same collection and sampler settings (seed included):
+
+        - on the same number of ranks, a fresh loader given the state yields exactly the rest of the
+          epoch, batch for batch, as if never interrupted;
+        - on another number of ranks (with a :class:`~annbatch.samplers.DistributedSampler`), the rest
+          of the epoch is dealt anew: over the whole epoch no row is yielded twice, and rows are left
+          out only by ``equal_batches`` truncation. One rank's state resumes every rank, since ranks
+          yield the same number of batches.
+
+        Inside :class:`torch.utils.data.DataLoader` workers the iteration happens in copies of the
+        loader, which this process's state does not see: resume without workers (as the
+        :class:`~annbatch.lightning.CollectionDataModule` does) for these guarantees.
+
+        Returns
+        -------
+        dict
+            A JSON-able state for :meth:`load_state_dict`.
+        """
+        return self._progress.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict` at the next iteration (see there for the guarantees).
+
+        Parameters
+        ----------
+        state
+            A state from :meth:`state_dict` of a loader with the same data and sampler settings.
+        """
+        self._progress.load_state_dict(state)
 
     def _require_data(self) -> None:
         if not self._backings:
@@ -324,32 +366,37 @@ class Loader(_Base):
             )
 
     # -- iteration -------------------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[types.Batch]:
         """Yield the mini-batches of one epoch."""
         self._require_data()
-        sampler = copy.copy(self._sampler)  # worker/epoch settings are per iteration
+        sampler = self._epoch_sampler()
+        sampler.validate(self.n_obs)
+        loads = self._batches(self._progress.begin(sampler, self.n_obs))
+        if self._prefetch:
+            loads = Prefetcher(loads, depth=self._prefetch)
+        for load in loads:
+            for batch in load:
+                self._progress.yielded()  # counted before the consumer holds it
+                yield batch
+        self._progress.end()
+
+    def _epoch_sampler(self) -> Sampler:
+        """A copy of the sampler set to the next epoch and this process's worker."""
+        sampler = copy.copy(self._sampler)
         worker = _torch_worker_info()
         if worker is not None:
             sampler.set_worker(worker.id, worker.num_workers)
-        sampler.set_epoch(self._epoch)
-        self._epoch += 1
-        sampler.validate(self.n_obs)
-        batches = self._batches(sampler)
-        if self._prefetch == 0:
-            for load in batches:
-                yield from load
-            return
-        for load in Prefetcher(batches, depth=self._prefetch):
-            yield from load
+        sampler.set_epoch(self._progress.next_epoch)
+        return sampler
 
-    def _batches(self, sampler: Sampler) -> Iterator[list[dict[str, Any]]]:
+    def _batches(self, requests: Iterator[LoadRequest]) -> Iterator[list[types.Batch]]:
         fetcher = Fetcher(self._backings)
         first = self._backings[0]
         dtype = np.result_type(*{b.dtype for b in self._backings})
         assembler = Assembler(fetcher, dtype, first.shape[1], first.shape[1:], self._buffers)
-        requests = iter(sampler.sample(self.n_obs))
+        requests = iter(requests)
 
-        def hand_out(load) -> list[dict[str, Any]]:
+        def hand_out(load) -> list[types.Batch]:
             return [self._item(batch) for batch in assembler.collect(load)]
 
         pending = None
@@ -418,7 +465,7 @@ class Loader(_Base):
         """
         return dict(self._key_table.categories) if self._key_table is not None else {}
 
-    def _item(self, batch: Batch) -> dict[str, Any]:
+    def _item(self, batch: Batch) -> types.Batch:
         item = {"X": convert(batch.X, self._to), "obs": None, "var": self._var, "index": None}
         if self._frame_table is not None:
             item["obs"] = self._frame_table.frame(batch.rows)

@@ -1,10 +1,11 @@
-"""Typed structures shared between samplers and the loader."""
+"""Typed structures shared between samplers, the loader and the training layer."""
 
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import numpy as np
+import pandas as pd
 
-__all__ = ["LoadRequest"]
+__all__ = ["Batch", "LoadRequest"]
 
 
 class LoadRequest(TypedDict):
@@ -35,3 +36,36 @@ class LoadRequest(TypedDict):
     requests: list[slice] | np.ndarray
     splits: list[np.ndarray]
     carry: NotRequired[np.ndarray]
+
+
+class Batch(TypedDict):
+    """One mini-batch, as every :class:`~annbatch.Loader` yields it.
+
+    This is the contract that ``training_step`` methods and configs rely on: its keys change only
+    with a deprecation. Arrays are numpy/scipy with ``to=None`` or ``"numpy"``, torch tensors with
+    ``to="torch"`` and jax arrays with ``to="jax"``.
+
+    Attributes
+    ----------
+    X
+        The rows, shape ``(n, n_vars)`` (or ``(n, ...)`` for n-d elements such as ``obsm``):
+        scipy CSR or a dense numpy array; with ``to="torch"`` a sparse CSR or strided tensor.
+    obs
+        With ``obs_keys``: a dict column → array aligned with the rows (categoricals as int64
+        codes, labels in :attr:`Loader.categories <annbatch.Loader.categories>`, ``-1`` missing;
+        numeric and boolean columns in their dtype). With ``obs_columns``: a pandas DataFrame.
+        Otherwise ``None``.
+    var
+        The var DataFrame (the same object in every batch), or ``None`` where unknown.
+    index
+        With ``return_index=True``: the rows' global positions in the collection as an int64
+        numpy array; otherwise ``None``.
+    batch
+        Present only with ``batch_key``: that column's int64 codes (a tensor with ``to="torch"``).
+    """
+
+    X: Any
+    obs: dict[str, Any] | pd.DataFrame | None
+    var: pd.DataFrame | None
+    index: np.ndarray | None
+    batch: NotRequired[Any]

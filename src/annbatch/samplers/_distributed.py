@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import TYPE_CHECKING
 
 from annbatch.abc import Sampler
-from annbatch.samplers._random import RandomSampler
+from annbatch.samplers._stream import _counts, _deal, _remaining, _self_contained, _truncated
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-
-    import numpy as np
+    from collections.abc import Callable, Iterator, Sequence
 
     from annbatch.types import LoadRequest
 
@@ -33,18 +32,25 @@ def _detect_rank_world() -> tuple[int, int]:
 
 
 class DistributedSampler(Sampler):
-    """Gives each rank of a distributed job its own contiguous shard of a sampler's rows.
+    """Shares the loads of any sampler among the ranks of a distributed job.
 
-    Rank ``r`` of ``W`` samples rows ``[start + r * n // W, start + (r + 1) * n // W)`` of the
-    wrapped sampler's ``n`` masked rows, with all of the wrapped sampler's other settings (seed,
-    shuffling, chunking, workers). A ``num_samples`` of the wrapped sampler counts rows over all
-    ranks and is shared out in proportion to shard sizes.
+    The wrapped sampler produces one *global* order for the epoch, as it would in a single
+    process; its loads are dealt round-robin: load ``i`` goes to rank ``i % world_size``. Rows a
+    load carries into the next one are read by the receiving rank itself, so every rank's loads
+    stand alone. Each rank therefore reads disjoint rows, together covering the epoch, and the
+    order depends on the seed and epoch only, never on the number of ranks. That is what lets a
+    loader resume an interrupted epoch on a different number of ranks (see
+    :meth:`annbatch.Loader.state_dict`).
+
+    Inside :class:`torch.utils.data.DataLoader` workers, every worker of every rank takes its own
+    share (``world_size * num_workers`` shares in all).
 
     Parameters
     ----------
     sampler
-        The sampler to shard. It is not modified, except that :meth:`set_epoch` and
-        :meth:`set_worker` are forwarded to it.
+        Any :class:`~annbatch.abc.Sampler`: random, sequential, class-homogeneous, weighted or
+        your own. It is not modified, except that :meth:`set_epoch` and :meth:`set_worker` are
+        forwarded to it; its ``num_samples`` counts rows over all ranks.
     rank
         This process's rank. Missing values come from ``get_rank_world``, else from an
         initialised ``torch.distributed``, else from ``jax`` (if imported), else rank 0 of 1.
@@ -54,28 +60,30 @@ class DistributedSampler(Sampler):
         Callable returning ``(rank, world_size)``, called when the sampler is used.
     equal_batches
         Truncate so that every rank yields the same number of mini-batches (the smallest over
-        ranks, per worker), which keeps collective operations in step. Every rank must use the
-        same ``batch_size``, ``chunk_size``, ``drop_last`` and worker count; the seed may differ.
+        ranks and workers), which keeps collective operations in step. Every rank must use the
+        same sampler settings, seed included.
     """
 
     def __init__(
         self,
-        sampler: RandomSampler,
+        sampler: Sampler,
         *,
         rank: int | None = None,
         world_size: int | None = None,
         get_rank_world: Callable[[], tuple[int, int]] | None = None,
         equal_batches: bool = True,
     ) -> None:
-        if not isinstance(sampler, RandomSampler):
+        if not isinstance(sampler, Sampler) or isinstance(sampler, DistributedSampler):
             raise TypeError(
-                f"sampler must be a RandomSampler or SequentialSampler, got {type(sampler).__name__}"
+                f"sampler must be an annbatch.abc.Sampler (not itself distributed), got {type(sampler).__name__}"
             )
         self._sampler = sampler
         self._rank = rank
         self._world_size = world_size
         self._get_rank_world = get_rank_world
         self._equal_batches = bool(equal_batches)
+        self._history: tuple[tuple[int, int], ...] = ()
+        self._count_cache: dict[tuple, list[int]] = {}
         # fail early on explicit values; detected ones are checked when used
         if rank is not None and world_size is not None:
             self._check(rank, world_size)
@@ -95,7 +103,7 @@ class DistributedSampler(Sampler):
         )
 
     @property
-    def sampler(self) -> RandomSampler:
+    def sampler(self) -> Sampler:
         """The wrapped sampler."""
         return self._sampler
 
@@ -123,7 +131,7 @@ class DistributedSampler(Sampler):
         return self._check(rank, world)
 
     @property
-    def batch_size(self) -> int:
+    def batch_size(self) -> int | None:
         """Rows per mini-batch."""
         return self._sampler.batch_size
 
@@ -156,18 +164,40 @@ class DistributedSampler(Sampler):
         super().set_worker(worker_id, num_workers)
         self._sampler.set_worker(worker_id, num_workers)
 
-    def _shard(self, n_obs: int, rank: int, world: int) -> RandomSampler:
-        start, stop = self._sampler._bounds(n_obs)
-        n = stop - start
-        lo, hi = rank * n // world, (rank + 1) * n // world
-        total = self._sampler._num_samples
-        if total is not None:
-            # proportional to shard size, so a rank never needs more rows than its shard holds
-            total = total * hi // n - total * lo // n
-        return self._sampler._restricted(slice(start + lo, start + hi), total)
+    def _resumed(self, history: Sequence[tuple[int, int]]) -> DistributedSampler:
+        """A copy whose epoch starts after what the ranks of ``history`` consumed of it.
+
+        ``history`` lists ``(world_size, batches per rank)`` of earlier runs of the same epoch, in
+        order; each run dealt what the runs before it left.
+        """
+        new = copy.copy(self)
+        new._history = tuple((int(w), int(k)) for w, k in history)
+        new._count_cache = {}
+        return new
+
+    def _share(self) -> tuple[int, int]:
+        """Index and count of shares for this process: ``(rank * num_workers + worker, world * num_workers)``."""
+        rank, world = self.rank_world()
+        return rank * self._num_workers + self._worker_id, world * self._num_workers
+
+    def _global(self, n_obs: int) -> Iterator[LoadRequest]:
+        """The epoch's self-contained loads in the global order, less what earlier runs consumed."""
+        inner = copy.copy(self._sampler)
+        inner.set_worker(0, 1)
+        inner.set_epoch(self._epoch)
+        stream = _self_contained(inner.sample(n_obs))
+        for world, consumed in self._history:
+            stream = _remaining(stream, world, consumed)
+        return stream
+
+    def _all_counts(self, n_obs: int) -> list[int]:
+        key = (n_obs, self._epoch, *self._share())
+        if key not in self._count_cache:
+            self._count_cache = {key: _counts(self._global(n_obs), key[-1])}
+        return self._count_cache[key]
 
     def validate(self, n_obs: int) -> None:
-        """Check the wrapped sampler and that every rank gets at least one row.
+        """Check the wrapped sampler with ``n_obs`` rows.
 
         Parameters
         ----------
@@ -175,19 +205,7 @@ class DistributedSampler(Sampler):
             Number of rows in the collection.
         """
         self._sampler.validate(n_obs)
-        _, world = self.rank_world()
-        start, stop = self._sampler._bounds(n_obs)
-        if stop - start < world:
-            raise ValueError(
-                f"the sampler's {stop - start} rows cannot be shared among world_size={world} ranks; "
-                "use fewer ranks or more rows"
-            )
-
-    def _count(self, n_obs: int, rank: int, world: int) -> int:
-        own = self._shard(n_obs, rank, world).n_iters(n_obs)
-        if not self._equal_batches:
-            return own
-        return min(own, *(self._shard(n_obs, r, world).n_iters(n_obs) for r in range(world)))
+        self.rank_world()
 
     def n_iters(self, n_obs: int) -> int:
         """Number of mini-batches this rank's current worker yields.
@@ -203,8 +221,8 @@ class DistributedSampler(Sampler):
             The number of mini-batches.
         """
         self.validate(n_obs)
-        rank, world = self.rank_world()
-        return self._count(n_obs, rank, world)
+        counts = self._all_counts(n_obs)
+        return min(counts) if self._equal_batches else counts[self._share()[0]]
 
     def sample(self, n_obs: int) -> Iterator[LoadRequest]:
         """Yield this rank's (and worker's) load requests for the current epoch.
@@ -217,18 +235,8 @@ class DistributedSampler(Sampler):
         Yields
         ------
         LoadRequest
-            Requests of the rank's shard, cut short where ``equal_batches`` demands.
+            The loads dealt to this share, cut short where ``equal_batches`` demands.
         """
-        self.validate(n_obs)
-        rank, world = self.rank_world()
-        remaining = self._count(n_obs, rank, world)
-        for request in self._shard(n_obs, rank, world).sample(n_obs):
-            if remaining <= 0:
-                return
-            if len(request["splits"]) >= remaining:
-                splits: list[np.ndarray] = request["splits"][:remaining]
-                # the last request: nothing to carry
-                yield {"requests": request["requests"], "splits": splits}
-                return
-            remaining -= len(request["splits"])
-            yield request
+        n = self.n_iters(n_obs)
+        share, n_shares = self._share()
+        yield from _truncated(_deal(self._global(n_obs), share, n_shares), n)
