@@ -536,3 +536,43 @@ def test_load_request_keys():
 
     assert LoadRequest.__required_keys__ == {"requests", "splits"}
     assert LoadRequest.__optional_keys__ == {"carry"}
+
+
+@FAST
+@given(n_obs=st.integers(1, 3000), density=st.floats(0.01, 1.0), chunk=st.integers(1, 300),
+       preload=st.integers(1, 6), bs=st.integers(1, 500), workers=st.integers(1, 3), shuffle=st.booleans(),
+       seed=st.integers(0, 2**32), drop_last=st.booleans())  # fmt: skip
+def test_subset_sampler_reads_each_selected_row_once(n_obs, density, chunk, preload, bs, workers, shuffle, seed,
+                                                     drop_last):  # fmt: skip
+    from annbatch.samplers import SubsetSampler
+
+    bs = min(bs, chunk * preload)
+    mask = np.random.default_rng(seed).random(n_obs) < density
+    if not mask.any():
+        mask[0] = True
+    s = SubsetSampler(mask, bs, chunk, preload, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    per_worker = worker_batches(s, n_obs, workers)
+    rows = flat([flat(b) for b in per_worker])
+    assert len(np.unique(rows)) == len(rows) and mask[rows].all()
+    for batches in per_worker:
+        check_sizes(batches, bs, drop_last)
+    if not drop_last:
+        assert np.array_equal(np.sort(rows), np.flatnonzero(mask))
+        if not shuffle and workers == 1:
+            assert np.array_equal(rows, np.flatnonzero(mask)), "unshuffled: row order"
+    for _, req in ((0, r) for r in SubsetSampler(mask, bs, chunk, preload, seed=seed).sample(n_obs)):
+        for sl in req["requests"]:
+            assert mask[sl].all() and sl.stop - sl.start <= chunk * preload, "reads only selected runs"
+
+
+def test_subset_sampler_errors():
+    from annbatch.samplers import SubsetSampler
+
+    with pytest.raises(ValueError, match="selects no rows"):
+        SubsetSampler(np.zeros(10, bool), 2, 2, 2)
+    with pytest.raises(ValueError, match="mask of 10 rows"):
+        SubsetSampler(np.ones(10, bool), 2, 2, 2).validate(12)
+    with pytest.raises(ValueError, match="names row 20"):
+        SubsetSampler(np.array([3, 20]), 2, 2, 2).validate(12)
+    with pytest.raises(ValueError, match="boolean mask or integer"):
+        SubsetSampler(np.array([0.5]), 2, 2, 2)

@@ -72,6 +72,7 @@ class SubsetSampler(_ChunkedSampler):
         if self._selected[0] < 0:
             raise ValueError(f"rows must be non-negative row numbers, got {self._selected[0]}")
         self._shuffle = bool(shuffle)
+        self._chunks: tuple[np.ndarray, np.ndarray] | None = None
         super().__init__(
             batch_size, chunk_size, preload_nchunks, mask=None, num_samples=None, drop_last=drop_last,
             rng=rng, seed=seed,
@@ -102,14 +103,17 @@ class SubsetSampler(_ChunkedSampler):
     def _worker_chunks(self, n_obs: int) -> list[slice]:
         """Chunks of the current worker in reading order: the epoch's chunk order dealt round-robin."""
         self.validate(n_obs)
-        codes = np.full(int(self._selected[-1]) + 1, -1, dtype=np.int8)
-        codes[self._selected] = 0
-        chunks = _build_chunks(codes, 0, len(codes), self._chunk_size, 1)
-        order = np.arange(len(chunks.start))
+        if self._chunks is None:  # the same every epoch: found once
+            codes = np.full(int(self._selected[-1]) + 1, -1, dtype=np.int8)
+            codes[self._selected] = 0
+            chunks = _build_chunks(codes, 0, len(codes), self._chunk_size, 1)
+            self._chunks = (chunks.start, chunks.length)
+        all_starts, all_lengths = self._chunks
+        order = np.arange(len(all_starts))
         if self._shuffle:
             order = self._rng(_ORDER_STREAM).permutation(order)
         order = order[self._worker_id :: self._num_workers]
-        starts, lengths = chunks.start[order], chunks.length[order]
+        starts, lengths = all_starts[order], all_lengths[order]
         return [slice(int(a), int(a + n)) for a, n in zip(starts, lengths, strict=True)]
 
     def n_iters(self, n_obs: int) -> int:
