@@ -213,8 +213,15 @@ _DDP_SCRIPT = textwrap.dedent(
                         num_sanity_val_steps=0, limit_val_batches=1.0)
     trainer.fit(model, datamodule=dm)
     seen = {str(k): v for k, v in model.seen.items()}
+    # the reference classifier under DDP too: its metrics sync across the ranks
+    from annbatch.models import Classifier
+    dm2 = CollectionDataModule(path, batch_size=64, chunk_size=16, preload_nchunks=4, obs_keys=["cell_type"])
+    clf = L.Trainer(accelerator="cpu", strategy="ddp", devices=2, max_steps=6, val_check_interval=3, logger=False,
+                    enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
+    clf.fit(Classifier(hidden_dims=[8]), datamodule=dm2)
     with open(f"{out}/rank{trainer.global_rank}.json", "w") as f:
-        json.dump({"seen": seen, "train_rows": dm.train_rows.tolist(), "val_rows": dm.val_rows.tolist()}, f)
+        json.dump({"seen": seen, "train_rows": dm.train_rows.tolist(), "val_rows": dm.val_rows.tolist(),
+                   "clf_val_acc": float(clf.callback_metrics["val/acc"])}, f)
     """
 )
 
@@ -240,3 +247,24 @@ def test_ddp_two_cpu_processes(coll_path, tmp_path):
     val = np.concatenate([np.array(r["seen"]["val"]) for r in ranks])
     # two evaluations (one per epoch), each reading every validation row once over both ranks
     assert np.array_equal(np.sort(val), np.sort(np.repeat(ranks[0]["val_rows"], 2)))
+    assert ranks[0]["clf_val_acc"] == ranks[1]["clf_val_acc"], "validation metrics are synced across ranks"
+
+
+@pytest.mark.parametrize("model_name", ["classifier", "mlp", "vae"])
+def test_reference_models_through_the_datamodule(coll_path, tmp_path, model_name):
+    from annbatch.models import VAE, Classifier
+
+    dm = _dm(coll_path, return_index=False)
+    model = {"classifier": lambda: Classifier(), "mlp": lambda: Classifier(hidden_dims=[16]),
+             "vae": lambda: VAE(n_latent=4, hidden_dims=[16])}[model_name]()  # fmt: skip
+    trainer = _trainer(tmp_path, max_steps=6, val_check_interval=3, limit_val_batches=2)
+    trainer.fit(model, datamodule=dm)
+    # sized from the data module: genes, labels (first obs key) and donors
+    assert model.hparams.n_vars == dm.n_vars
+    if model_name == "vae":
+        assert model.hparams.n_batches == len(dm.categories["donor"])
+        assert {"train/elbo", "val/elbo", "val/kl"} <= set(trainer.callback_metrics)
+    else:
+        assert model.hparams.n_classes == len(dm.categories["cell_type"])
+        assert {"train/loss", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
+    assert trainer.global_step == 6
