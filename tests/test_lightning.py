@@ -195,6 +195,7 @@ _DDP_SCRIPT = textwrap.dedent(
             self.seen = {}
         def training_step(self, batch, batch_idx):
             self.seen.setdefault(self.current_epoch, []).extend(np.asarray(batch["index"]).tolist())
+            self.seen.setdefault(f"steps{self.current_epoch}", []).append(len(batch["index"]))
             loss = self.layer(batch["X"].to_dense()).pow(2).mean()
             self.log("train/loss", loss, batch_size=batch["X"].shape[0], sync_dist=True)
             return loss
@@ -237,7 +238,9 @@ def test_ddp_two_cpu_processes(coll_path, tmp_path):
     train_rows = np.array(ranks[0]["train_rows"])
     for epoch in ("0", "1"):
         a, b = (np.array(r["seen"][epoch]) for r in ranks)
-        assert len(a) == len(b), "equal-length shards"
+        steps = [r["seen"][f"steps{epoch}"] for r in ranks]
+        assert len(steps[0]) == len(steps[1]), "equal-length shards: the same number of batches"
+        assert all(n == 64 for n in steps[0][:-1] + steps[1][:-1]), "full batches but the last"
         assert not np.intersect1d(a, b).size, "disjoint shards"
         both = np.concatenate([a, b])
         assert len(np.unique(both)) == len(both) and np.isin(both, train_rows).all()

@@ -576,3 +576,12 @@ def test_subset_sampler_errors():
         SubsetSampler(np.array([3, 20]), 2, 2, 2).validate(12)
     with pytest.raises(ValueError, match="boolean mask or integer"):
         SubsetSampler(np.array([0.5]), 2, 2, 2)
+
+
+def test_distributed_short_epoch_still_feeds_every_rank():
+    # one load of 8 batches for 3 ranks: the last round is dealt batch by batch
+    inner = RandomSampler(10, 20, 4, seed=0)
+    per_share = shares(DistributedSampler(inner, rank=0, world_size=3), 80, 3, 1)
+    assert [len(b) for b in per_share] == [2, 2, 2]
+    rows = flat([flat(b) for b in per_share])
+    assert len(np.unique(rows)) == len(rows) == 60

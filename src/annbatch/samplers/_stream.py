@@ -6,7 +6,8 @@ them. They are what resumption and distributed sharding are built from:
 - :func:`_self_contained` turns rows carried between loads into explicit rows of the receiving
   load, so that any load can be read on its own (skipped loads, loads dealt to other ranks);
 - :func:`_skip_batches` drops the first mini-batches of a stream without reading them;
-- :func:`_deal` gives load ``i`` of one global stream to rank ``i % world``;
+- :func:`_dealt` gives load ``i`` of one global stream to rank ``i % world`` (a last round of
+  fewer loads than ranks batch by batch);
 - :func:`_remaining` is what a global stream still holds after ``world`` ranks each consumed
   their first ``k`` mini-batches of it, in the global order, so that it can be dealt anew to a
   different number of ranks.
@@ -108,18 +109,50 @@ def _skip_batches(stream: Iterable[LoadRequest], n: int) -> Iterator[LoadRequest
     yield from it
 
 
+def _gather(parts: list[tuple[LoadRequest, np.ndarray]]) -> LoadRequest:
+    """One load of just the rows of some mini-batches, each given as (its load, its split)."""
+    rows = [_request_rows(load["requests"])[split] for load, split in parts]
+    ends = np.cumsum([len(r) for r in rows])
+    splits = [np.arange(e - len(r), e, dtype=np.int64) for r, e in zip(rows, ends, strict=True)]
+    return {"requests": np.concatenate(rows), "splits": splits}
+
+
+def _dealt(stream: Iterable[LoadRequest], world: int) -> Iterator[tuple[int, LoadRequest]]:
+    """``(rank, load)`` of a self-contained global stream dealt to ``world`` ranks, in a fixed order.
+
+    Load ``i`` goes to rank ``i % world``. The last round, when it has fewer loads than ranks, is dealt
+    batch by batch instead (each rank reading only its batches' rows), so that a short epoch still
+    gives every rank a share.
+    """
+    round_: list[LoadRequest] = []
+    for request in stream:
+        round_.append(request)
+        if len(round_) == world:
+            yield from enumerate(round_)
+            round_ = []
+    if not round_:
+        return
+    parts: list[list[tuple[LoadRequest, np.ndarray]]] = [[] for _ in range(world)]
+    batches = ((load, split) for load in round_ for split in load["splits"])
+    for j, part in enumerate(batches):
+        parts[j % world].append(part)
+    for rank, mine in enumerate(parts):
+        if mine:
+            yield rank, _gather(mine)
+
+
 def _deal(stream: Iterable[LoadRequest], rank: int, world: int) -> Iterator[LoadRequest]:
-    """Rank ``rank``'s loads of a self-contained global stream: load ``i`` goes to rank ``i % world``."""
-    for i, request in enumerate(stream):
-        if i % world == rank:
+    """Rank ``rank``'s loads of a self-contained global stream (see :func:`_dealt`)."""
+    for r, request in _dealt(stream, world):
+        if r == rank:
             yield request
 
 
 def _counts(stream: Iterable[LoadRequest], world: int) -> list[int]:
-    """Mini-batches each of ``world`` ranks gets when the loads of ``stream`` are dealt."""
+    """Mini-batches each of ``world`` ranks gets when ``stream`` is dealt."""
     counts = [0] * world
-    for i, request in enumerate(stream):
-        counts[i % world] += len(request["splits"])
+    for r, request in _dealt(stream, world):
+        counts[r] += len(request["splits"])
     return counts
 
 
@@ -138,13 +171,12 @@ def _truncated(stream: Iterable[LoadRequest], n: int) -> Iterator[LoadRequest]:
 def _remaining(stream: Iterable[LoadRequest], world: int, consumed: int) -> Iterator[LoadRequest]:
     """What a self-contained global stream still holds after each of ``world`` ranks consumed ``consumed`` batches.
 
-    The stream is dealt as :func:`_deal` does; rank ``r`` has consumed the first ``consumed``
-    mini-batches of its loads. The rest is yielded in global order (partly consumed loads keep
+    The stream is dealt as :func:`_dealt` does; rank ``r`` has consumed the first ``consumed``
+    mini-batches of its loads. The rest is yielded in the dealing order (partly consumed loads keep
     their unconsumed splits), ready to be dealt to another number of ranks.
     """
     used = [0] * world
-    for i, request in enumerate(stream):
-        r = i % world
+    for r, request in _dealt(stream, world):
         k = len(request["splits"])
         take = min(k, consumed - used[r])
         used[r] += take
