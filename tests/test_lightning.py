@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 pytest.importorskip("lightning")
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
+import lightning as L
+import torch
 
-import annbatch  # noqa: E402
-from annbatch.collection import CollectionError  # noqa: E402
-from annbatch.lightning import CollectionDataModule  # noqa: E402
-from annbatch.synthetic import make_adata  # noqa: E402
+import annbatch
+from annbatch.collection import CollectionError
+from annbatch.lightning import CollectionDataModule
+from annbatch.synthetic import make_adata
 
 N_OBS = 1_500
 

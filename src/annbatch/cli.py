@@ -1,4 +1,4 @@
-"""The ``annbatch`` command line: ``convert``, ``info`` and ``demo``."""
+"""The ``annbatch`` command line: ``convert``, ``info``, ``demo`` and ``train``."""
 
 from __future__ import annotations
 
@@ -45,11 +45,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-obs", type=int, default=20_000, help="cells per file")
     demo.add_argument("--n-vars", type=int, default=2_000)
     demo.add_argument("--seed", type=int, default=0)
+
+    # Listed for `annbatch --help`; `main` hands `train` and everything after it to Hydra before parsing.
+    sub.add_parser(
+        "train",
+        add_help=False,
+        help="train a model with Lightning, configured by Hydra (see: annbatch train --help)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``annbatch`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # Hydra parses the rest (overrides, --cfg, -m, --help); lightning and hydra load only here.
+        from .train import main as train
+
+        return train(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "convert":
