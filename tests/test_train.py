@@ -142,6 +142,26 @@ def test_multirun_and_reproducibility(sweep, user_run):
     assert [r["train/loss_step"] for r in seed1] != [r["train/loss_step"] for r in seed0]
 
 
+def test_resume_mid_epoch_continues_step_for_step(tmp_path, demo_dir, small_demo, user_run):
+    # interrupted at step 40 (inside the second epoch) with a checkpoint there, then resumed with ckpt_path
+    data = [f"data.path={small_demo}", "seed=0"]
+    first = _train([*FAST, *data, "trainer.max_steps=40", "+callbacks.model_checkpoint.every_n_train_steps=40",
+                    "hydra.run.dir=first"], cwd=tmp_path, demo_dir=demo_dir)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    resumed = _train([*FAST, *data, f"ckpt_path={ckpt}", "hydra.run.dir=resumed"], cwd=tmp_path, demo_dir=demo_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    def losses(run: Path) -> dict[str, str]:
+        rows = _metrics(run / "csv" / "metrics.csv")
+        return {r["step"]: r["train/loss_step"] for r in rows if r.get("train/loss_step")}
+
+    after = losses(tmp_path / "resumed")
+    assert after and min(map(int, after)) >= 40, "the resumed run starts where the first stopped"
+    reference = losses(user_run["run"])
+    assert {step: reference[step] for step in after} == after, "same losses as the uninterrupted run"
+
+
 def test_cfg_job_prints_the_config_and_trains_nothing(tmp_path, demo_dir):
     done = _train(["--cfg", "job", "model=mlp", "data.path=cells.zarr", "trainer=gpu"], cwd=tmp_path,
                   demo_dir=demo_dir, timeout=60)  # fmt: skip

@@ -92,7 +92,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """Train once as the composed config says, then print and return the final metrics.
 
     Seeds everything with ``cfg.seed``, builds the data module (:func:`build_datamodule`), the model,
-    the callbacks, the loggers and the trainer from their ``_target_`` and fits. If no validation ran
+    the callbacks, the loggers and the trainer from their ``_target_`` and fits, resuming from
+    ``cfg.ckpt_path`` when set. If no validation ran
     during the fit (a ``trainer.max_steps`` within the first epoch), one validation pass runs after it,
     so the printed and logged metrics always include the validation metrics.
 
@@ -117,7 +118,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     if not any(key.startswith("val/") for key in trainer.callback_metrics):
         trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {
