@@ -1,4 +1,4 @@
-"""The README's Python code runs as written (on small synthetic input files of the names it uses)."""
+"""The README's Python code and the tutorials run as written (on small synthetic inputs)."""
 
 from __future__ import annotations
 
@@ -28,3 +28,18 @@ def test_readme_python_runs_as_written(tmp_path, monkeypatch):
     namespace: dict = {}
     for block in _python_blocks():
         exec(compile(block, str(README), "exec"), namespace)
+
+
+TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.md"))
+
+
+@pytest.mark.parametrize("tutorial", TUTORIALS, ids=lambda p: p.stem)
+def test_tutorial_runs(tutorial, tmp_path, monkeypatch):
+    # the tutorials are MyST notebooks: their {code-cell} blocks run in order, as Jupyter would run them
+    cells = re.findall(r"```\{code-cell\}[^\n]*\n(.*?)```", tutorial.read_text(), flags=re.S)
+    assert cells, f"{tutorial.name} has no code cells"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "__main__"}
+    for cell in cells:
+        code = "\n".join(line for line in cell.splitlines() if not line.startswith(("%", "!")))
+        exec(compile(code, str(tutorial), "exec"), namespace)

@@ -181,15 +181,6 @@ class Classifier(_CellModule):
             self.log(f"{stage}/acc", acc, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=n)
         return loss
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
-
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         """Class probabilities, shape ``(n, n_classes)``; codes index :attr:`classes`."""
         return torch.softmax(self(self._x(batch)), dim=1)

@@ -215,8 +215,9 @@ def _names(values: Iterable[Any] | None) -> list[str] | None:
 class _CellModule(L.LightningModule):
     """Throughput logging, size resolution and the AdamW optimiser shared by the reference models.
 
-    Subclasses implement ``_resolve_sizes`` (called from :meth:`setup`, fills ``self.hparams``) and
-    ``_build`` (creates the network from ``self.hparams``; idempotent).
+    Subclasses implement ``_resolve_sizes`` (called from :meth:`setup`, fills ``self.hparams``),
+    ``_build`` (creates the network from ``self.hparams``; idempotent) and ``_step`` (the loss of a
+    batch, logged under ``"train"``, ``"val"`` or ``"test"``).
     """
 
     def __init__(self) -> None:
@@ -231,6 +232,21 @@ class _CellModule(L.LightningModule):
 
     def _build(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss of a training batch (logged under ``train/``)."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss of a validation batch (logged under ``val/``)."""
+        return self._step(batch, "val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss of a test batch (logged under ``test/``)."""
+        return self._step(batch, "test")
 
     def setup(self, stage: str) -> None:
         """Fill the sizes not given from ``trainer.datamodule`` and build the network (once).

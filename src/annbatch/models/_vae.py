@@ -253,15 +253,6 @@ class VAE(_CellModule):
             )  # fmt: skip
         return reconstruction + self._kl_weight() * kl
 
-    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "val")
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "test")
-
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         """Posterior means ``(n, n_latent)``: the latent embedding of the batch."""
         return self.encode(self._x(batch), self._covariate(batch))[0]
