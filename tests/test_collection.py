@@ -595,6 +595,24 @@ def test_groupby_sorts_within_datasets(tmp_path, h5ad_files, groupby):
     assert n_checked > 5
 
 
+def test_appends_keep_the_collections_groupby(tmp_path, h5ad_files):
+    coll = Collection(tmp_path / "coll.zarr").add_adatas(h5ad_files[:2], groupby="donor", **ADD)
+    assert coll.group.attrs["groupby"] == ["donor"]
+    coll.add_adatas(h5ad_files[2:], **{**ADD, "seed": 1})  # no groupby: the collection's own is kept
+    assert Collection(tmp_path / "coll.zarr", mode="r").group.attrs["groupby"] == ["donor"]
+    for g in coll:
+        codes = _codes(ad.io.read_elem(g["obs"]), "donor")
+        assert np.all(np.diff(codes) >= 0), "appended datasets are sorted by donor too"
+    loader = coll.loader(batch_size=8, chunk_size=8, preload_nchunks=2, batch_key="donor",
+                         batch_sampler="homogeneous", seed=0)  # fmt: skip
+    assert all(len(set(b["batch"].tolist())) == 1 for b in loader)
+    before = coll.n_obs
+    with pytest.raises(InputError, match=r"groupby=\['donor'\].*groupby=\['cell_type'\]"):
+        coll.add_adatas(h5ad_files[:1], groupby="cell_type", **ADD)
+    assert coll.n_obs == before, "a refused append changes nothing"
+    coll.add_adatas([ad.read_h5ad(h5ad_files[0])], groupby=["donor"], **ADD)  # the same one is fine
+
+
 # -- determinism -------------------------------------------------------------------------------------------
 def test_same_seed_gives_identical_collection(tmp_path, h5ad_files):
     kwargs = {**ADD, "dataset_size": 200}

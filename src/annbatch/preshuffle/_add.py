@@ -40,6 +40,8 @@ DEFAULT_MEMORY_FRACTION = 0.125
 # Building a dataset holds its rows once in their output dtypes; writing then buffers about two copies
 # of one shard of the largest array in the encoder (measured with zarrs; see benchmarks/convert.py).
 _SHARD_BUFFERS = 2.0
+# Root attribute of a collection: the obs columns its datasets are sorted by (``groupby``), kept by appends.
+GROUPBY_ATTR = "groupby"
 
 
 def add_adatas(
@@ -66,7 +68,6 @@ def add_adatas(
         inputs = [inputs]
     if len(inputs) == 0:
         raise ValueError("`inputs` is empty: pass at least one .h5ad/.zarr path or AnnData.")
-    groupby = [groupby] if isinstance(groupby, str) else list(groupby or [])
     rng = rng if rng is not None else np.random.default_rng()
     limit = (
         parse_bytes(memory_limit, name="memory_limit")
@@ -76,6 +77,7 @@ def add_adatas(
     opened: list[InputAnnData] = []
     try:
         existing = [collection._open_dataset(name) for name in collection.dataset_keys]
+        groupby = _collection_groupby(collection, groupby, appending=bool(existing))
         # In-memory inputs are named "<AnnData #i>", numbered after those already in the collection.
         first = _n_anndata_sources(existing)
         for i, item in enumerate(inputs):
@@ -156,6 +158,9 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
             blocks=blocks, seed=int(seeds[k]) if shuffle else None, groupby=groupby, write_kwargs=write_kwargs
         )
 
+    if not existing:
+        # Recorded before anything is committed, so no committed collection lacks it; appends keep it.
+        collection.group.attrs[GROUPBY_ATTR] = list(groupby)
     staging = Staging(collection.group)
     try:
         for name, task in tqdm(tasks.items(), desc="Writing datasets", unit="dataset", disable=not progress):
@@ -166,6 +171,29 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
     # Not under the discard above: once the journal is written, staging holds the datasets being
     # replaced, and a failed commit is finished from the journal (Staging.commit says how).
     staging.commit(list(tasks))
+
+
+def _collection_groupby(
+    collection: Collection, groupby: Sequence[str] | str | None, *, appending: bool
+) -> list[str]:
+    """The obs columns to sort datasets by: the ones the collection was created with, when appending.
+
+    An append without ``groupby`` keeps the collection's grouping (rewritten datasets are sorted as the
+    others are); an append with a different one is refused, since it would leave the datasets sorted
+    in two ways. Collections written without the record (older ones) take ``groupby`` as given.
+    """
+    given = None if groupby is None else ([groupby] if isinstance(groupby, str) else list(groupby))
+    recorded = collection.group.attrs.get(GROUPBY_ATTR)
+    if not appending or recorded is None:
+        return given or []
+    recorded = [str(c) for c in recorded]
+    if given is not None and given != recorded:
+        raise InputError(
+            f"The collection {collection._label!r} was converted with groupby={recorded}; appending with "
+            f"groupby={given} would sort its datasets in two ways. Leave groupby out (the collection's own "
+            "is used) or convert into a new collection."
+        )
+    return recorded
 
 
 def _n_anndata_sources(existing: Sequence[InputAnnData]) -> int:
