@@ -134,3 +134,67 @@ def test_console_script(tmp_path, h5ad_files):
     assert done.returncode == 0, done.stderr
     assert "400 obs" in done.stdout and "2 datasets" in done.stdout
     assert Collection(out, mode="r").n_obs == 400
+
+
+def _cli(*args, **kw) -> subprocess.CompletedProcess:
+    code = "import sys, annbatch.cli; sys.exit(annbatch.cli.main())"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, **kw)
+
+
+def test_version():
+    done = _cli("--version")
+    assert done.returncode == 0 and done.stdout.startswith("annbatch ")
+
+
+def test_info_on_a_missing_collection_speaks_cli(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert "No collection at" in err and "annbatch convert" in err and "mode=" not in err
+    assert not (tmp_path / "nope.zarr").exists()
+
+
+def test_failed_convert_removes_the_folder_it_created(tmp_path, h5ad_files, capsys):
+    out = tmp_path / "new.zarr"
+    assert main(["convert", str(h5ad_files[0]), str(tmp_path / "missing.h5ad"), "-o", str(out)]) == 2
+    assert "missing.h5ad" in capsys.readouterr().err
+    assert not out.exists(), "nothing half-written is left behind"
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "mine.txt").write_text("x")
+    assert main(["convert", str(tmp_path / "missing.h5ad"), "-o", str(keep)]) == 2
+    assert (keep / "mine.txt").read_text() == "x", "a folder the user had is not touched"
+
+
+def test_no_progress_bars_off_a_terminal(tmp_path, h5ad_files):
+    done = _cli("convert", str(h5ad_files[0]), "-o", str(tmp_path / "c.zarr"), "--seed", "0")
+    assert done.returncode == 0, done.stderr
+    assert "Writing datasets" not in done.stderr and "reading rows" not in done.stderr
+    assert "obs" in done.stdout
+
+
+def test_ctrl_c_during_an_append(tmp_path, h5ad_files):
+    import signal
+    import time
+
+    from annbatch.synthetic import make_adata
+
+    out = tmp_path / "c.zarr"
+    assert main(["convert", str(h5ad_files[0]), "-o", str(out), "--seed", "0", "--quiet"]) == 0
+    big = tmp_path / "big.h5ad"
+    genes = ad.read_h5ad(h5ad_files[0], backed="r").var_names  # the same genes: an append without warnings
+    make_adata(150_000, len(genes), var_names=genes, nnz_per_row=60, seed=4).write_h5ad(big)
+    code = "import sys, annbatch.cli; sys.exit(annbatch.cli.main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "convert", str(big), "-o", str(out), "--seed", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not (out / ".staging").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        pytest.skip("the append finished before it could be interrupted")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines == [f"annbatch convert: interrupted; {out} unchanged, 400 rows"], err
+    coll = Collection(out, mode="a")  # recovers whatever the interrupted run staged
+    assert coll.n_obs == 400

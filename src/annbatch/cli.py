@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -18,7 +19,10 @@ def _size(value: str) -> str | int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="annbatch", description="Preshuffled single-cell collections.")
+    parser.add_argument("--version", action="version", version=f"annbatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     convert = sub.add_parser(
@@ -35,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--memory-limit", type=_size, default=None, help="peak memory to plan for, e.g. 4GB")
     convert.add_argument("--n-obs-per-chunk", type=int, default=32)
     convert.add_argument("--shard-size", type=_size, default="1GB")
+    convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     info = sub.add_parser("info", help="describe a collection")
     info.add_argument("path")
@@ -45,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-obs", type=int, default=20_000, help="cells per file")
     demo.add_argument("--n-vars", type=int, default=2_000)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     # Listed for `annbatch --help`; `main` hands `train` and everything after it to Hydra before parsing.
     sub.add_parser(
@@ -66,19 +72,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "convert":
-            coll = Collection(args.output).add_adatas(
-                args.inputs, shuffle=not args.no_shuffle, seed=args.seed, dataset_size=args.dataset_size,
-                shuffle_chunk_size=args.shuffle_chunk_size, groupby=args.groupby, join=args.join,
-                memory_limit=args.memory_limit, n_obs_per_chunk=args.n_obs_per_chunk, shard_size=args.shard_size,
-            )  # fmt: skip
-            print(coll)
-        elif args.command == "info":
+            return _convert(args)
+        if args.command == "info":
+            if not Path(args.path).exists():
+                raise CollectionError(
+                    f"No collection at {args.path!r}. Create one with `annbatch convert INPUT.h5ad ... -o {args.path}`."
+                )
             print(Collection(args.path, mode="r"))
         else:
             _demo(args)
     except (InputError, CollectionError, ValueError, FileNotFoundError, KeyError) as err:
         print(f"annbatch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal only: a batch job's log gets no bar redraws."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _convert(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    created = not output.exists()
+    before = None if created else Collection(output, mode="r")
+    try:
+        coll = Collection(output).add_adatas(
+            args.inputs, shuffle=not args.no_shuffle, seed=args.seed, dataset_size=args.dataset_size,
+            shuffle_chunk_size=args.shuffle_chunk_size, groupby=args.groupby, join=args.join,
+            memory_limit=args.memory_limit, n_obs_per_chunk=args.n_obs_per_chunk, shard_size=args.shard_size,
+            progress=_progress(args),
+        )  # fmt: skip
+    except BaseException as err:
+        if created:  # the folder is ours: a failed conversion leaves nothing behind
+            shutil.rmtree(output, ignore_errors=True)
+        if not isinstance(err, KeyboardInterrupt):
+            raise
+        state = "not created" if created else f"unchanged, {before.n_obs:,} rows"
+        print(f"annbatch convert: interrupted; {args.output} {state}", file=sys.stderr)
+        return 130
+    print(coll)
     return 0
 
 
@@ -94,7 +127,9 @@ def _demo(args: argparse.Namespace) -> None:
         root / "inputs", args.n_files, args.n_obs, args.n_vars, overlap=0.9, seed=args.seed
     )
     start = time.perf_counter()
-    coll = Collection(root / "demo.zarr", mode="w-").add_adatas(paths, seed=args.seed, groupby="donor")
+    coll = Collection(root / "demo.zarr", mode="w-").add_adatas(
+        paths, seed=args.seed, groupby="donor", progress=_progress(args)
+    )
     print(f"Converted in {time.perf_counter() - start:.1f} s")
     print(coll)
     obs = coll.obs(["src_path", "donor", "cell_type"])
