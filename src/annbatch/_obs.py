@@ -13,13 +13,15 @@ class ObsTable:
     """Selected obs columns over all rows of a loader, as numpy arrays indexed by global row.
 
     Categorical columns are stored as int64 codes with their categories (``-1`` marks a missing value);
-    numeric and boolean columns keep their dtype; string columns raise (``strings="error"``) or are
-    kept as object arrays (``strings="keep"``, for DataFrame output). Encoding happens once, when the loader is built, so
-    batches never go through pandas unless a DataFrame is asked for.
+    numeric and boolean columns keep their dtype. String columns are encoded as codes like categoricals
+    (``strings="encode"``; categories are the sorted distinct values, so a collection need not be
+    converted again) or kept as object arrays (``strings="keep"``, for DataFrame output). Encoding
+    happens once, when the loader is built, so batches never go through pandas unless a DataFrame is
+    asked for.
     """
 
     def __init__(
-        self, obs: pd.DataFrame, columns: Sequence[str], *, strings: Literal["error", "keep"] = "error"
+        self, obs: pd.DataFrame, columns: Sequence[str], *, strings: Literal["encode", "keep"] = "encode"
     ):
         missing = [c for c in columns if c not in obs.columns]
         if missing:
@@ -29,18 +31,17 @@ class ObsTable:
         self.categories: dict[str, pd.Index] = {}
         for col in self.columns:
             values = obs[col]
+            if strings == "encode" and not isinstance(values.dtype, pd.CategoricalDtype):
+                if not (pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values)):
+                    # strings (object or pandas' string dtype): codes of the sorted distinct values
+                    values = values.astype("category")
             if isinstance(values.dtype, pd.CategoricalDtype):
                 self.arrays[col] = values.cat.codes.to_numpy().astype(np.int64)
                 self.categories[col] = values.cat.categories
             elif strings == "keep":  # DataFrame output: any column, as pandas would give it
                 self.arrays[col] = values.to_numpy()
-            elif pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
-                self.arrays[col] = _numeric(values, col)
             else:
-                raise TypeError(
-                    f"obs column {col!r} holds strings ({values.dtype}); encode it as categories first, "
-                    f"e.g. `adata.obs[{col!r}] = adata.obs[{col!r}].astype('category')`."
-                )
+                self.arrays[col] = _numeric(values, col)
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """Column arrays for ``rows`` (global row ids)."""

@@ -81,8 +81,9 @@ class Loader(_Base):
     obs_keys
         obs columns to yield with every batch as arrays aligned with X rows, under ``"obs"`` as a dict:
         categoricals as int64 codes (labels in :attr:`categories`; ``-1`` for a missing value), numeric
-        and boolean columns in their dtype; torch tensors with ``to="torch"``. String columns must be
-        made categorical first. Encoded once when data is added, never per batch.
+        and boolean columns in their dtype; torch tensors with ``to="torch"``. String columns are coded
+        like categoricals (labels: their sorted distinct values). Encoded once when data is added, never
+        per batch.
     batch_key
         An obs column (e.g. donor or batch) yielded as int64 codes under ``"batch"``.
     class_weights
