@@ -890,7 +890,7 @@ def test_collection_from_zarr_group(tmp_path, h5ad_files, store):
     assert coll.n_obs == 400
     assert len(coll) == 2
     assert_rows_match(load_collection(coll), _read(h5ad_files[:1]))
-    assert dict(group.attrs) == ENCODING
+    assert dict(group.attrs) == {**ENCODING, "groupby": []}  # the marker, and the grouping appends keep
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr warns about the .staging folder name, should it exist
         listing = list(group.keys())

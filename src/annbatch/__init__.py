@@ -3,7 +3,7 @@
 from importlib.metadata import version
 
 from . import abc, samplers, types
-from .collection import Collection, CollectionError, DatasetCollection
+from .collection import Collection, CollectionError, CollectionLockedError, DatasetCollection
 from .preshuffle import InputError
 from .writer import write_sharded
 
@@ -23,6 +23,7 @@ def __getattr__(name: str):
 __all__ = [
     "Collection",
     "CollectionError",
+    "CollectionLockedError",
     "DatasetCollection",
     "InputError",
     "Loader",

@@ -105,7 +105,7 @@ def _convert(args: argparse.Namespace) -> int:
         )  # fmt: skip
     except BaseException as err:
         if created:  # the folder is ours: a failed conversion leaves nothing behind
-            shutil.rmtree(output, ignore_errors=True)
+            _remove_unused(output)
         if not isinstance(err, KeyboardInterrupt):
             raise
         state = "not created" if created else f"unchanged, {before.n_obs:,} rows"
@@ -113,6 +113,22 @@ def _convert(args: argparse.Namespace) -> int:
         return 130
     print(coll)
     return 0
+
+
+def _remove_unused(output: Path) -> None:
+    """Remove a collection folder this command created, unless another writer has taken it up since."""
+    from ._lock import WriteLock
+
+    try:
+        coll = Collection(output, mode="r")
+    except CollectionError:  # not (yet) a collection: only this command wrote there
+        shutil.rmtree(output, ignore_errors=True)
+        return
+    lock = WriteLock(coll.group)
+    if lock.try_acquire():  # no one is writing into it, and, checked under the lock, nothing was committed
+        with lock:
+            if coll.is_empty:
+                shutil.rmtree(output, ignore_errors=True)
 
 
 def _demo(args: argparse.Namespace) -> None:

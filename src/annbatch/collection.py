@@ -16,6 +16,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from annbatch._convert import Target
+from annbatch._lock import STALE_AFTER, LockHeld, WriteLock, describe
 from annbatch._staging import Staging
 from annbatch._zarr import quiet_listing, zarrs_pipeline
 from annbatch.abc import Sampler
@@ -26,7 +27,7 @@ from annbatch.writer import CompressorsLike
 if TYPE_CHECKING:
     from annbatch.loader import Loader
 
-__all__ = ["Collection", "DatasetCollection", "CollectionError"]
+__all__ = ["Collection", "DatasetCollection", "CollectionError", "CollectionLockedError"]
 
 ENCODING = {"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"}
 _DATASET_KEY = re.compile(r"^dataset_(\d+)$")
@@ -34,6 +35,19 @@ _DATASET_KEY = re.compile(r"^dataset_(\d+)$")
 
 class CollectionError(ValueError):
     """A path or group cannot be used as a collection; the message says why and what to do."""
+
+
+class CollectionLockedError(CollectionError):
+    """Another process is writing to the collection; ``holder`` says which (host, pid, since)."""
+
+    def __init__(self, label: str, err: LockHeld):
+        self.holder = err.holder
+        super().__init__(
+            f"The collection {label!r} is being written by another process ({describe(err.holder)}; "
+            f"lock {err.where!r}); waited {err.waited:.0f} s. Retry when it has finished, or pass a larger "
+            "`lock_timeout` to wait for it. A lock of a killed writer is taken over by itself (on object "
+            f"storage once its heartbeat is older than {STALE_AFTER:.0f} s); do not delete it while that writer runs."
+        )
 
 
 class Collection:
@@ -87,7 +101,17 @@ class Collection:
             if exists:
                 self._group = zarr.open_group(path, mode="r" if mode == "r" else "a", zarr_format=3)
             else:  # created with its attrs in one write: a kill cannot leave an unmarked group
-                self._group = zarr.open_group(path, mode="w-", zarr_format=3, attributes=ENCODING)
+                try:
+                    # a copy: zarr keeps the dict it is given as the group's attrs, and later writes change it
+                    self._group = zarr.open_group(path, mode="w-", zarr_format=3, attributes=dict(ENCODING))
+                except zarr.errors.ContainsGroupError:
+                    if mode == "w-":
+                        raise CollectionError(
+                            f"{str(path)!r} already exists; use mode='a' to add to it."
+                        ) from None
+                    # Another process created it a moment ago: use theirs, as if it had been there.
+                    exists = True
+                    self._group = zarr.open_group(path, mode="a", zarr_format=3)
             self._check_or_init(exists=exists)
 
     def _check_or_init(self, *, exists: bool) -> None:
@@ -101,7 +125,12 @@ class Collection:
                     f"(encoding-type {attrs.get('encoding-type')!r}). Choose a new or empty path; nothing was changed."
                 )
             if self._mode != "r":
-                Staging(self._group).recover()
+                # Only when no one is writing: staging then belongs to a running writer, which
+                # recovers under its lock before it writes (add_adatas).
+                lock = WriteLock(self._group)
+                if lock.try_acquire():
+                    with lock:
+                        Staging(self._group).recover()
         else:
             self._group.attrs.update(ENCODING)
 
@@ -234,6 +263,7 @@ class Collection:
         shard_size: str | int = "1GB",
         compressors: CompressorsLike = "auto",
         progress: bool = True,
+        lock_timeout: float = 10.0,
     ) -> Collection:
         """Convert AnnData inputs into the collection (create on the first call, append afterwards).
 
@@ -259,7 +289,8 @@ class Collection:
             ``rows per dataset / shuffle_chunk_size``: keep it above ~2,000.
         groupby
             obs column(s) to sort each dataset's rows by (stably, so order within a value stays random),
-            giving long runs of one value for key-homogeneous sampling.
+            giving long runs of one value for key-homogeneous sampling. The collection records it, and
+            appends keep it: leave it out when appending (a different one is refused).
         var_subset
             Keep only these var names (in this order). Ignored when appending: the collection's var is used.
         join
@@ -277,6 +308,9 @@ class Collection:
             Storage layout, see :func:`annbatch.write_sharded`.
         progress
             Show tqdm progress bars.
+        lock_timeout
+            Seconds to wait while another process writes to the collection (one writer at a time, see
+            :ref:`concurrent-writers`) before raising :class:`CollectionLockedError`, which names it.
 
         Returns
         -------
@@ -289,12 +323,22 @@ class Collection:
             )
         if seed is not None and rng is not None:
             raise ValueError("Give either `seed` or `rng`, not both.")
-        _add_adatas(
-            self, inputs, shuffle=shuffle, rng=rng if rng is not None else np.random.default_rng(seed),
-            dataset_size=dataset_size, shuffle_chunk_size=shuffle_chunk_size, groupby=groupby,
-            var_subset=var_subset, join=join, merge=merge, load_adata=load_adata, memory_limit=memory_limit,
-            n_obs_per_chunk=n_obs_per_chunk, shard_size=shard_size, compressors=compressors, progress=progress,
-        )  # fmt: skip
+        lock = WriteLock(self._group)
+        try:
+            lock.acquire(timeout=lock_timeout)
+        except LockHeld as err:
+            raise CollectionLockedError(self._label, err) from None
+        with lock:
+            # Under the lock: staging left by a writer killed since this collection was opened is ours
+            # to finish or drop now, and the datasets are listed only after the previous writer is done.
+            Staging(self._group).recover()
+            _add_adatas(
+                self, inputs, shuffle=shuffle, rng=rng if rng is not None else np.random.default_rng(seed),
+                dataset_size=dataset_size, shuffle_chunk_size=shuffle_chunk_size, groupby=groupby,
+                var_subset=var_subset, join=join, merge=merge, load_adata=load_adata,
+                memory_limit=memory_limit, n_obs_per_chunk=n_obs_per_chunk, shard_size=shard_size,
+                compressors=compressors, progress=progress,
+            )  # fmt: skip
         return self
 
     # -- reading ---------------------------------------------------------------------------------------------
