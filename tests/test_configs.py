@@ -10,6 +10,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("hydra")  # the train extra
+pytest.importorskip("lightning")
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf

@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
-import torch
-from torch.utils.data import DataLoader
 
-import annbatch
-from annbatch.synthetic import make_adata
+torch = pytest.importorskip("torch")
+from torch.utils.data import DataLoader  # noqa: E402
+
+import annbatch  # noqa: E402
+from annbatch.synthetic import make_adata  # noqa: E402
 
 BATCH_SIZE = 30  # 560 rows: two workers of 280 rows, each with a partial last batch
 NUM_WORKERS = 2

@@ -332,7 +332,7 @@ def test_shuffle_really_shuffles_within_loads():
 
 
 def test_global_random_state_untouched():
-    import torch
+    torch = pytest.importorskip("torch")
 
     np.random.seed(1)
     torch.manual_seed(1)

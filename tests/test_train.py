@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("hydra")  # the train extra
+pytest.importorskip("lightning")
 import annbatch
 from annbatch.train import demo_cache_dir, demo_collection
 

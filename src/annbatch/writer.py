@@ -32,6 +32,11 @@ _SAMPLE_BYTES = 4 * 2**20
 _COMPLETE = {"write_empty_chunks": True}
 
 
+def _named_layers(adata: ad.AnnData) -> dict[str, Any]:
+    """``adata.layers`` without ``X``: anndata 0.13 also lists ``X`` there, under the key ``None``."""
+    return {k: v for k, v in adata.layers.items() if k is not None}
+
+
 def write_sharded(
     group: zarr.Group,
     adata: ad.AnnData,
@@ -77,7 +82,7 @@ def write_sharded(
         raise ValueError("`write_sharded` needs an in-memory AnnData: call `adata.to_memory()` first.")
     target = group.create_group(key, overwrite=True) if key is not None else group
     rows = {"X": adata.X} if adata.X is not None else {}
-    rows |= {f"layers/{k}": v for k, v in adata.layers.items()}
+    rows |= {f"layers/{k}": v for k, v in _named_layers(adata).items()}
     rows |= {f"obsm/{k}": v for k, v in adata.obsm.items()}
     other = {name: dict(getattr(adata, name)) for name in ("uns", "obsp", "varm", "varp")}
     if adata.raw is not None:

@@ -71,7 +71,7 @@ def _gather_obs(blocks: Sequence[Block], spec: SourceSpec) -> pd.DataFrame:
         if spec.is_new[block.source]:
             piece = piece.assign(**{SRC_PATH: src.name})
         pieces.append(piece)
-    obs = pd.concat(pieces, join="outer", copy=False) if len(pieces) > 1 else pieces[0].copy()
+    obs = pd.concat(pieces, join="outer") if len(pieces) > 1 else pieces[0].copy()
     for col, dtype in spec.obs_schema.items():
         if col in obs.columns:
             values = obs[col]

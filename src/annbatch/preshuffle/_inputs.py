@@ -17,6 +17,7 @@ import zarr
 
 from annbatch._csr import RawCSR
 from annbatch._zarr import zarrs_pipeline
+from annbatch.writer import _named_layers
 
 InputLike = str | Path | ad.AnnData
 LoadAdata = Callable[[str], ad.AnnData]
@@ -175,7 +176,7 @@ def _from_anndata(adata: ad.AnnData, *, name: str) -> InputAnnData:
     if adata.X is None:
         raise InputError(f"Input {name!r} has no X matrix; only AnnData objects with X can be added.")
     elements = {"X": _element_in_memory(adata.X, name=name, key="X")}
-    for key, value in adata.layers.items():
+    for key, value in _named_layers(adata).items():
         elements[f"layers/{key}"] = _element_in_memory(value, name=name, key=f"layers/{key}")
     for key, value in adata.obsm.items():
         if isinstance(value, pd.DataFrame):
