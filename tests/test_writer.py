@@ -194,10 +194,9 @@ def test_compressors(tmp_path, sparse_adata):
     codec = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
     _write(tmp_path / "zstd.zarr", sparse_adata, compressors=codec)
     zstd = zarr.open_group(tmp_path / "zstd.zarr", mode="r")
-    # an enum before zarr 3.2, a plain string after
-    assert str(getattr(zstd["X/data"].compressors[0].cname, "value", zstd["X/data"].compressors[0].cname)) == "zstd"
-    cname = zstd["obsm/noise"].compressors[0].cname
-    assert str(getattr(cname, "value", cname)) == "zstd"
+    for key in ("X/data", "obsm/noise"):
+        cname = zstd[key].compressors[0].cname
+        assert str(getattr(cname, "value", cname)) == "zstd"  # an enum in older zarr, a string in newer
 
     for name in ("auto", "none", "zstd"):
         back = ad.read_zarr(tmp_path / f"{name}.zarr")
