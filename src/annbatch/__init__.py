@@ -2,9 +2,9 @@
 
 from importlib.metadata import version
 
-from . import abc, samplers, types
-from .collection import Collection, CollectionError, CollectionLockedError, DatasetCollection
-from .preshuffle import InputError
+from . import abc, errors, samplers, types
+from .collection import Collection, DatasetCollection
+from .errors import AnnbatchError, CollectionError, CollectionLockedError, InputError
 from .writer import write_sharded
 
 __version__ = version("annbatch")
@@ -21,6 +21,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AnnbatchError",
     "Collection",
     "CollectionError",
     "CollectionLockedError",
@@ -28,6 +29,7 @@ __all__ = [
     "InputError",
     "Loader",
     "abc",
+    "errors",
     "samplers",
     "types",
     "write_sharded",

@@ -21,10 +21,7 @@ from zarr.core.sync import sync
 
 from annbatch._shards import ShardedReader, sharded_reader
 from annbatch._zarr import zarrs_pipeline
-
-
-class BackingError(ValueError):
-    """Data that a loader cannot read; the message says what to do."""
+from annbatch.errors import BackingError
 
 
 @dataclass

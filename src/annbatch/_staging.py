@@ -18,13 +18,11 @@ import zarr
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from annbatch.errors import CommitError
+
 STAGING = ".staging"
 _JOURNAL = f"{STAGING}/journal.json"
 _OLD = f"{STAGING}/_replaced"
-
-
-class CommitError(OSError):
-    """Moving committed datasets into place failed; the journal finishes it on the next write-open."""
 
 
 class Staging:

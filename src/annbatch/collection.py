@@ -20,6 +20,7 @@ from annbatch._lock import STALE_AFTER, LockHeld, WriteLock, describe
 from annbatch._staging import Staging
 from annbatch._zarr import quiet_listing, zarrs_pipeline
 from annbatch.abc import Sampler
+from annbatch.errors import CollectionError, CollectionLockedError
 from annbatch.preshuffle import add_adatas as _add_adatas
 from annbatch.preshuffle._inputs import InputAnnData, InputLike, LoadAdata, _from_store
 from annbatch.writer import CompressorsLike
@@ -33,21 +34,35 @@ ENCODING = {"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"
 _DATASET_KEY = re.compile(r"^dataset_(\d+)$")
 
 
-class CollectionError(ValueError):
-    """A path or group cannot be used as a collection; the message says why and what to do."""
+def _version(text: object) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in str(text).split("."))
+    except ValueError:
+        return None
 
 
-class CollectionLockedError(CollectionError):
-    """Another process is writing to the collection; ``holder`` says which (host, pid, since)."""
-
-    def __init__(self, label: str, err: LockHeld):
-        self.holder = err.holder
-        super().__init__(
-            f"The collection {label!r} is being written by another process ({describe(err.holder)}; "
-            f"lock {err.where!r}); waited {err.waited:.0f} s. Retry when it has finished, or pass a larger "
-            "`lock_timeout` to wait for it. A lock of a killed writer is taken over by itself (on object "
-            f"storage once its heartbeat is older than {STALE_AFTER:.0f} s); do not delete it while that writer runs."
+def _check_version(label: str, found: object) -> None:
+    """Refuse a collection in a newer format than this annbatch reads, before anything reads it wrongly."""
+    ours, theirs = _version(ENCODING["encoding-version"]), _version(found)
+    if theirs is None:
+        raise CollectionError(
+            f"{label!r} has an unreadable encoding-version {found!r}; it was not written by annbatch."
         )
+    if theirs[:2] > ours[:2]:
+        raise CollectionError(
+            f"{label!r} is in collection format {found}, newer than this annbatch reads "
+            f"({ENCODING['encoding-version']}): upgrade annbatch (pip install -U annbatch)."
+        )
+
+
+def _locked_error(label: str, err: LockHeld) -> CollectionLockedError:
+    return CollectionLockedError(
+        f"The collection {label!r} is being written by another process ({describe(err.holder)}; "
+        f"lock {err.where!r}); waited {err.waited:.0f} s. Retry when it has finished, or pass a larger "
+        "`lock_timeout` to wait for it. A lock of a killed writer is taken over by itself (on object "
+        f"storage once its heartbeat is older than {STALE_AFTER:.0f} s); do not delete it while that writer runs.",
+        err.holder,
+    )
 
 
 class Collection:
@@ -124,6 +139,7 @@ class Collection:
                     f"{self._label!r} exists but is not an annbatch collection "
                     f"(encoding-type {attrs.get('encoding-type')!r}). Choose a new or empty path; nothing was changed."
                 )
+            _check_version(self._label, attrs.get("encoding-version"))
             if self._mode != "r":
                 # Only when no one is writing: staging then belongs to a running writer, which
                 # recovers under its lock before it writes (add_adatas).
@@ -327,7 +343,7 @@ class Collection:
         try:
             lock.acquire(timeout=lock_timeout)
         except LockHeld as err:
-            raise CollectionLockedError(self._label, err) from None
+            raise _locked_error(self._label, err) from None
         with lock:
             # Under the lock: staging left by a writer killed since this collection was opened is ours
             # to finish or drop now, and the datasets are listed only after the previous writer is done.

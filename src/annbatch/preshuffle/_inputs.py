@@ -17,6 +17,7 @@ import zarr
 
 from annbatch._csr import RawCSR
 from annbatch._zarr import zarrs_pipeline
+from annbatch.errors import InputError
 from annbatch.writer import _named_layers
 
 InputLike = str | Path | ad.AnnData
@@ -89,10 +90,6 @@ class InputAnnData:
         """Close the underlying file, if this input opened one."""
         if isinstance(self._handle, h5py.File):
             self._handle.close()
-
-
-class InputError(ValueError):
-    """An input cannot be converted; the message names the input and the remedy."""
 
 
 def open_input(item: InputLike, *, load_adata: LoadAdata | None = None, index: int = 0) -> InputAnnData:

@@ -7,6 +7,8 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from annbatch.errors import TrainError
+
 from ._demo import demo_collection
 
 if TYPE_CHECKING:
@@ -15,10 +17,6 @@ if TYPE_CHECKING:
 
 # Printed at the end of a run besides every val/* metric.
 _THROUGHPUT = "train/cells_per_s"
-
-
-class TrainError(ValueError):
-    """A problem with the configuration or the input data; ``annbatch train`` prints it as one line."""
 
 
 def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
