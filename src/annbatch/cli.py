@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
+import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from .collection import Collection, CollectionError
 from .preshuffle import InputError
@@ -95,24 +98,58 @@ def _progress(args: argparse.Namespace) -> bool:
 def _convert(args: argparse.Namespace) -> int:
     output = Path(args.output)
     created = not output.exists()
-    before = None if created else Collection(output, mode="r")
+    before = 0 if created else Collection(output, mode="r").n_obs
     try:
-        coll = Collection(output).add_adatas(
-            args.inputs, shuffle=not args.no_shuffle, seed=args.seed, dataset_size=args.dataset_size,
-            shuffle_chunk_size=args.shuffle_chunk_size, groupby=args.groupby, join=args.join,
-            memory_limit=args.memory_limit, n_obs_per_chunk=args.n_obs_per_chunk, shard_size=args.shard_size,
-            progress=_progress(args),
-        )  # fmt: skip
+        with _reraise_swallowed_interrupts():
+            coll = Collection(output).add_adatas(
+                args.inputs, shuffle=not args.no_shuffle, seed=args.seed, dataset_size=args.dataset_size,
+                shuffle_chunk_size=args.shuffle_chunk_size, groupby=args.groupby, join=args.join,
+                memory_limit=args.memory_limit, n_obs_per_chunk=args.n_obs_per_chunk,
+                shard_size=args.shard_size, progress=_progress(args),
+            )  # fmt: skip
     except BaseException as err:
         if created:  # the folder is ours: a failed conversion leaves nothing behind
             _remove_unused(output)
         if not isinstance(err, KeyboardInterrupt):
             raise
-        state = "not created" if created else f"unchanged, {before.n_obs:,} rows"
+        if created:
+            state = "not created"
+        else:
+            # Opening for writing finishes a commit that had reached its journal, or drops what was staged.
+            after = Collection(output, mode="a").n_obs
+            state = f"unchanged, {after:,} rows" if after == before else f"appended before the interrupt, {after:,} rows"
         print(f"annbatch convert: interrupted; {args.output} {state}", file=sys.stderr)
         return 130
     print(coll)
     return 0
+
+
+@contextlib.contextmanager
+def _reraise_swallowed_interrupts() -> Iterator[None]:
+    """Make Ctrl-C stop the conversion even when it lands where Python only reports it.
+
+    A KeyboardInterrupt raised inside a weakref callback or a finaliser is printed as "Exception
+    ignored" and dropped, and the work would go on. Such a one is raised again a moment later, from a
+    timer signal, where it stops the conversion.
+    """
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            signal.setitimer(signal.ITIMER_REAL, 0.01)
+            return
+        default(unraisable)
+
+    def again(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    default, sys.unraisablehook = sys.unraisablehook, hook
+    alarm = signal.signal(signal.SIGALRM, again)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
+        sys.unraisablehook = default
 
 
 def _remove_unused(output: Path) -> None:
