@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 __all__ = ["DistributedSampler"]
 
+_CACHED_EPOCHS = 4  # batch counts kept per sampler (the current epoch and a few neighbours)
+
 
 def _detect_rank_world() -> tuple[int, int]:
     """Rank and world size from an initialised torch.distributed, else jax, else a single process."""
@@ -191,10 +193,18 @@ class DistributedSampler(Sampler):
         return stream
 
     def _all_counts(self, n_obs: int) -> list[int]:
-        key = (n_obs, self._epoch, *self._share())
-        if key not in self._count_cache:
-            self._count_cache = {key: _counts(self._global(n_obs), key[-1])}
-        return self._count_cache[key]
+        """Batches of every share this epoch (one pass over the epoch's requests, cached).
+
+        The cache is one dict shared by this sampler and its shallow copies (the loader copies its
+        sampler for every ``len()`` and iteration), so an epoch is counted once, not once per copy.
+        """
+        key = (n_obs, self._epoch, self._share()[1])
+        cache = self._count_cache
+        if key not in cache:
+            if len(cache) >= _CACHED_EPOCHS:
+                cache.clear()
+            cache[key] = _counts(self._global(n_obs), key[-1])
+        return cache[key]
 
     def validate(self, n_obs: int) -> None:
         """Check the wrapped sampler with ``n_obs`` rows.
