@@ -251,97 +251,61 @@ def test_refused_writer_names_holder(tmp_path, pool):
     _check(path, expected | set(extra.obs_names), {})
 
 
-MOTO = textwrap.dedent(
-    """
-    import sys
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    print(server.get_host_and_port()[1], flush=True)
-    sys.stdin.read()  # serve until the test process closes stdin (or dies)
-    server.stop()
-    """
-)
-
-
 @pytest.mark.filterwarnings("ignore:Successfully reconstructed a store:RuntimeWarning")
-def test_object_store_lock(tmp_path):
+def test_object_store_lock(s3, prefix):
     """Conditional create, a refused writer, and exactly one taker of a stale lock, on a local S3 server."""
-    obstore = pytest.importorskip("obstore")
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto.server")
+    import obstore
     import zarr
-    from obstore.store import S3Store
     from zarr.storage import ObjectStore
 
     from annbatch._lock import LockHeld
 
-    creds = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
-    with open(tmp_path / "moto.log", "w") as err:
-        server = subprocess.Popen([sys.executable, "-c", MOTO], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=err, text=True)  # fmt: skip
-    try:
-        endpoint = f"http://127.0.0.1:{int(server.stdout.readline())}"
-        boto3.client("s3", endpoint_url=endpoint, region_name=creds["region"],
-                     aws_access_key_id=creds["access_key_id"],
-                     aws_secret_access_key=creds["secret_access_key"]).create_bucket(Bucket="locks")  # fmt: skip
+    raw = s3.raw
+    coll = f"{prefix}/coll"
 
-        def raw():
-            return S3Store("locks", endpoint=endpoint, client_options={"allow_http": True}, **creds)
+    def group():  # each writer with its own client, as separate processes would have
+        return zarr.open_group(ObjectStore(raw()), path=coll, mode="a")
 
-        def group():  # each writer with its own client, as separate processes would have
-            return zarr.open_group(ObjectStore(raw()), path="coll", mode="a")
+    Collection(group()).add_adatas(make_adata(50, N_VARS), progress=False)
+    first, second = WriteLock(group()), WriteLock(group())
+    first.acquire()
+    assert not second.try_acquire()
+    with pytest.raises(CollectionLockedError, match=f"pid {os.getpid()}"):
+        Collection(group()).add_adatas(make_adata(10, N_VARS), progress=False, lock_timeout=0)
+    first.release()
+    assert second.try_acquire()
+    second.release()
 
-        Collection(group()).add_adatas(make_adata(50, N_VARS), progress=False)
-        first, second = WriteLock(group()), WriteLock(group())
-        first.acquire()
-        assert not second.try_acquire()
-        with pytest.raises(CollectionLockedError, match=f"pid {os.getpid()}"):
-            Collection(group()).add_adatas(make_adata(10, N_VARS), progress=False, lock_timeout=0)
-        first.release()
-        assert second.try_acquire()
-        second.release()
+    # A stale lock of another host (heartbeat long ago): of four writers at once, one takes it over.
+    stale = {"host": "elsewhere", "pid": 1, "since": "2000-01-01T00:00:00+00:00", "heartbeat": 0.0,
+             "token": "old"}  # fmt: skip
+    obstore.put(raw(), f"{coll}/{LOCK}", json.dumps(stale).encode())
+    takers = [WriteLock(group()) for _ in range(4)]
+    barrier = threading.Barrier(len(takers))
+    won = [False] * len(takers)
 
-        # A stale lock of another host (heartbeat long ago): of four writers at once, one takes it over.
-        stale = {"host": "elsewhere", "pid": 1, "since": "2000-01-01T00:00:00+00:00", "heartbeat": 0.0,
-                 "token": "old"}  # fmt: skip
-        obstore.put(raw(), f"coll/{LOCK}", json.dumps(stale).encode())
-        takers = [WriteLock(group()) for _ in range(4)]
-        barrier = threading.Barrier(len(takers))
-        won = [False] * len(takers)
+    def take(i):
+        barrier.wait()
+        won[i] = takers[i].try_acquire()
 
-        def take(i):
-            barrier.wait()
-            won[i] = takers[i].try_acquire()
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(len(takers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(won) == 1, won
+    winner = takers[won.index(True)]
+    with pytest.raises(LockHeld) as info:  # the others now see a fresh lock, naming the winner
+        takers[won.index(False)].acquire(timeout=0.3)
+    assert info.value.holder["pid"] == os.getpid() and info.value.holder["token"] != "old"
+    winner.release()
 
-        threads = [threading.Thread(target=take, args=(i,)) for i in range(len(takers))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert sum(won) == 1, won
-        winner = takers[won.index(True)]
-        with pytest.raises(LockHeld) as info:  # the others now see a fresh lock, naming the winner
-            takers[won.index(False)].acquire(timeout=0.3)
-        assert info.value.holder["pid"] == os.getpid() and info.value.holder["token"] != "old"
-        winner.release()
-
-        # A lock of this host whose process is gone is stale at once, whatever its heartbeat.
-        dead = subprocess.Popen([sys.executable, "-c", "pass"])
-        dead.wait()
-        fresh = {**stale, "host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()}
-        obstore.put(raw(), f"coll/{LOCK}", json.dumps(fresh).encode())
-        Collection(group()).add_adatas(
-            make_adata(10, N_VARS, obs_prefix="late"), progress=False, lock_timeout=0
-        )
-        assert Collection(group(), mode="r").n_obs == 60
-        with pytest.raises(FileNotFoundError):
-            obstore.head(raw(), f"coll/{LOCK}")  # released: deleted
-    finally:
-        server.stdin.close()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    # A lock of this host whose process is gone is stale at once, whatever its heartbeat.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    fresh = {**stale, "host": socket.gethostname(), "pid": dead.pid, "heartbeat": time.time()}
+    obstore.put(raw(), f"{coll}/{LOCK}", json.dumps(fresh).encode())
+    Collection(group()).add_adatas(make_adata(10, N_VARS, obs_prefix="late"), progress=False, lock_timeout=0)
+    assert Collection(group(), mode="r").n_obs == 60
+    with pytest.raises(FileNotFoundError):
+        obstore.head(raw(), f"{coll}/{LOCK}")  # released: deleted

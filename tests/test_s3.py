@@ -1,10 +1,8 @@
 """annbatch on object storage: collections written to and loaded from a real S3 server on 127.0.0.1.
 
-A moto S3 server runs in a child process for the whole module. It cannot run in a thread of the test
-process: a read through zarrs (annbatch's codec pipeline for object storage) was seen to wait for S3
-while holding the GIL, so a server thread in this interpreter never answered and the read hung until
-obstore gave up. Stores are obstore ``S3Store``s with dummy credentials passed as arguments, wrapped
-in :class:`zarr.storage.ObjectStore`; every test works under its own key prefix of one bucket.
+The moto S3 server is conftest's ``s3`` fixture (a child process, see there why). Stores are obstore
+``S3Store``s with dummy credentials passed as arguments, wrapped in :class:`zarr.storage.ObjectStore`;
+every test works under its own key prefix of one bucket.
 
 The reference for S3 data is always independent of annbatch's S3 read path: the inputs themselves,
 the same keys copied byte for byte to a local folder, or the same collection built on a local disk.
@@ -13,10 +11,6 @@ the same keys copied byte for byte to a local folder, or the same collection bui
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,20 +25,17 @@ from annbatch import Collection
 from annbatch.synthetic import make_adata
 
 obstore = pytest.importorskip("obstore")
-boto3 = pytest.importorskip("boto3")
 pytest.importorskip("moto.server")
-from obstore.store import S3Store  # noqa: E402
-from zarr.storage import ObjectStore, WrapperStore  # noqa: E402
+from zarr.storage import WrapperStore  # noqa: E402
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
+
+    from conftest import S3
 
 # zarrs rebuilds the obstore store on its side for every array it opens and says so each time.
 pytestmark = pytest.mark.filterwarnings("ignore:Successfully reconstructed a store:RuntimeWarning")
 
-BUCKET = "annbatch-test"
-CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
 N_VARS = 40
 SIZES = (230, 170)  # two inputs of different sizes
 N_OBS = sum(SIZES)
@@ -52,94 +43,6 @@ N_OBS = sum(SIZES)
 BUILD = {"seed": 0, "dataset_size": 150, "shuffle_chunk_size": 25, "n_obs_per_chunk": 16, "shard_size": 64,
          "memory_limit": "1GB", "progress": False}  # fmt: skip
 LOAD = {"batch_size": 32, "chunk_size": 16, "preload_nchunks": 4, "return_index": True}
-
-MOTO_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    print(server.get_host_and_port()[1], flush=True)
-    sys.stdin.read()  # serve until the test process closes stdin (or dies)
-    server.stop()
-    """
-)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# the server and raw key access
-# ---------------------------------------------------------------------------------------------------------
-@dataclass
-class S3:
-    """One bucket on the local server; stores and raw key operations under a prefix."""
-
-    endpoint: str
-
-    def raw(self, prefix: str | None = None) -> S3Store:
-        return S3Store(BUCKET, prefix=prefix, endpoint=self.endpoint, client_options={"allow_http": True},
-                       **CREDENTIALS)  # fmt: skip
-
-    def store(self, prefix: str, *, read_only: bool = False) -> ObjectStore:
-        """A fresh zarr store (own client, nothing cached) rooted at ``prefix``."""
-        return ObjectStore(self.raw(prefix), read_only=read_only)
-
-    def group(self, prefix: str, *, read_only: bool = False) -> zarr.Group:
-        return zarr.open_group(self.store(prefix, read_only=read_only), mode="r" if read_only else "a")
-
-    def keys(self, prefix: str) -> list[str]:
-        """Every key under ``prefix``, relative to it, sorted."""
-        metas = [m for batch in obstore.list(self.raw(), prefix=f"{prefix}/") for m in batch]
-        return sorted(m["path"][len(prefix) + 1 :] for m in metas)
-
-    def read(self, prefix: str) -> dict[str, bytes]:
-        """Every object under ``prefix`` by relative key, with its bytes."""
-        store = self.raw()
-        return {k: obstore.get(store, f"{prefix}/{k}").bytes().to_bytes() for k in self.keys(prefix)}
-
-    def write(self, prefix: str, objects: dict[str, bytes]) -> None:
-        store = self.raw()
-        for key, value in objects.items():
-            obstore.put(store, f"{prefix}/{key}", value)
-
-    def delete(self, prefix: str, keys: list[str]) -> None:
-        obstore.delete(self.raw(), [f"{prefix}/{k}" for k in keys])
-
-    def copy_tree(self, src: str, dst: str) -> None:
-        store = self.raw()
-        for key in self.keys(src):
-            obstore.copy(store, f"{src}/{key}", f"{dst}/{key}")
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3]:
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with open(log, "w") as err:  # the child keeps its own handle
-        proc = subprocess.Popen([sys.executable, "-c", MOTO_SCRIPT], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
-    try:
-        line = proc.stdout.readline()
-        assert line.strip().isdigit(), f"moto server did not start: {log.read_text()}"
-        endpoint = f"http://127.0.0.1:{int(line)}"
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=CREDENTIALS["region"],
-                              aws_access_key_id=CREDENTIALS["access_key_id"],
-                              aws_secret_access_key=CREDENTIALS["secret_access_key"])  # fmt: skip
-        client.create_bucket(Bucket=BUCKET)
-        yield S3(endpoint)
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture
-def prefix(request: pytest.FixtureRequest) -> str:
-    """A key prefix of its own for every test."""
-    return "test-" + re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name).strip("-")
-
 
 # ---------------------------------------------------------------------------------------------------------
 # data and references
