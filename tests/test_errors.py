@@ -12,7 +12,8 @@ from annbatch import errors
 
 def test_every_error_is_an_annbatch_error_and_its_builtin():
     expected = {"InputError": ValueError, "CollectionError": ValueError, "CollectionLockedError": ValueError,
-                "CommitError": OSError, "BackingError": ValueError, "TrainError": ValueError}  # fmt: skip
+                "CommitError": OSError, "BackingError": ValueError, "TrainError": ValueError,
+                "CollectionChangedError": RuntimeError}  # fmt: skip
     assert set(errors.__all__) == {"AnnbatchError", *expected}
     for name, builtin in expected.items():
         cls = getattr(errors, name)

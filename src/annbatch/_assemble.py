@@ -11,12 +11,14 @@ before collecting load ``n`` keeps the read threads busy while Python plans and 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 
+from annbatch._backing import Backing
 from annbatch._buffers import BufferPool
 from annbatch._csr import RawCSR, rows_view, scatter_rows
 from annbatch._fetch import Fetcher
@@ -147,6 +149,56 @@ class Assembler:
         for s, d, k in zip(starts[layout.dup_src], starts[layout.dup_dst], n[layout.dup_dst], strict=True):
             x.data[d : d + k] = x.data[s : s + k]
             x.indices[d : d + k] = x.indices[s : s + k]
+
+
+def read_loads(
+    backings: Sequence[Backing],
+    buffers: BufferPool,
+    requests: Iterable[LoadRequest],
+    verify: Callable[[BaseException | None], None] | None = None,
+) -> Iterator[list[Batch]]:
+    """The mini-batches of each requested load, reading load ``n + 1`` while load ``n`` is handed out.
+
+    ``verify`` runs after each load is read and before it is handed out (with the error when a read
+    failed, which it may replace by a better one); it raises to stop the stream.
+    """
+    fetcher = Fetcher(backings)
+    first = backings[0]
+    dtype = np.result_type(*{b.dtype for b in backings})
+    assembler = Assembler(fetcher, dtype, first.shape[1], first.shape[1:], buffers)
+
+    def hand_out(load: PendingLoad) -> list[Batch]:
+        try:
+            batches = assembler.collect(load)
+        except BaseException as err:
+            if verify is not None:
+                verify(err)
+            raise
+        if verify is not None:
+            verify(None)
+        return batches
+
+    requests = iter(requests)
+    pending = None
+    try:
+        while True:
+            try:
+                submitted = assembler.submit(next(requests))  # read while the previous load is handed out
+            except StopIteration:
+                break
+            except BaseException as err:
+                if pending is not None:  # what was read before the failure still reaches the consumer
+                    yield hand_out(pending)
+                if verify is not None:
+                    verify(err)
+                raise
+            if pending is not None:
+                yield hand_out(pending)
+            pending = submitted
+        if pending is not None:
+            yield hand_out(pending)
+    finally:
+        fetcher.close()
 
 
 def _put_rows(out: np.ndarray, dest: np.ndarray, source: np.ndarray, keep: np.ndarray) -> None:

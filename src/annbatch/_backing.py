@@ -9,6 +9,8 @@ concurrently (by zarrs' Rust threads when the zarrs pipeline is active).
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -118,3 +120,39 @@ def backing_from_memory(value: Any, *, name: str) -> Backing:
         f"{name} has type {type(value).__name__}; the loader reads numpy arrays, scipy CSR matrices, "
         "zarr arrays/groups and backed AnnData."
     )
+
+
+def check_compatible(backings: list[Backing]) -> None:
+    """One loader reads one kind (CSR or dense) of one width; mixed dtypes are promoted (with a warning)."""
+    if len({b.kind for b in backings}) > 1:
+        raise BackingError(
+            "Cannot mix sparse (CSR) and dense datasets in one loader; convert them to one kind."
+        )
+    widths = {b.shape[1:] for b in backings}
+    if len(widths) > 1:
+        raise BackingError(
+            f"Datasets have different numbers of variables {sorted(widths)}; align their var first."
+        )
+    dtypes = {b.dtype for b in backings}
+    if len(dtypes) > 1:
+        warnings.warn(f"Datasets have different dtypes {sorted(map(str, dtypes))}; promoting to "
+                      f"{np.result_type(*dtypes)}.", stacklevel=4)  # fmt: skip
+
+
+def backings_from_adatas(adatas: Sequence[ad.AnnData], *, layer: str | None = None) -> list[Backing]:
+    """The ``X`` (or ``layers[layer]``) of in-memory or backed AnnData objects sharing one var space."""
+    for i, adata in enumerate(adatas[1:], start=1):
+        if not adata.var_names.equals(adatas[0].var_names):
+            raise BackingError(
+                f"AnnData #{i} has different var names than AnnData #0; subset them to one var space "
+                "(e.g. `adata[:, shared_genes]`) before adding."
+            )
+    backings = []
+    for i, adata in enumerate(adatas):
+        x = adata.X if layer is None else adata.layers[layer]
+        if x is None:
+            raise BackingError(f"AnnData #{i} has no X; pass `layer=` or add X.")
+        backings.append(
+            backing_from_memory(x, name=f"X of AnnData #{i}" if layer is None else f"layer {layer!r}")
+        )
+    return backings

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
+
+from annbatch._convert import Target, convert
+
+if TYPE_CHECKING:
+    from annbatch.types import Batch
 
 
 class ObsTable:
@@ -56,6 +61,101 @@ class ObsTable:
                 values = pd.Categorical.from_codes(values, categories=self.categories[col])
             out[col] = values
         return pd.DataFrame(out, index=index)
+
+
+class BatchObs:
+    """The obs a loader yields with each batch, as asked for; :meth:`encode` encodes it for the data.
+
+    ``columns`` come as a pandas DataFrame under ``"obs"``; ``keys`` as arrays (categorical codes)
+    under ``"obs"``; ``batch_key`` as codes under ``"batch"``.
+    """
+
+    def __init__(self, columns: Sequence[str] | None, keys: Sequence[str] | None, batch_key: str | None):
+        if columns is not None and keys is not None:
+            raise ValueError(
+                "Give `obs_columns` (a pandas DataFrame per batch) or `obs_keys` (arrays per batch), not both."
+            )
+        self.columns = list(columns) if columns is not None else None
+        self.keys = list(keys) if keys is not None else []
+        self.batch_key = batch_key
+        self.key_columns = list(dict.fromkeys(self.keys + ([batch_key] if batch_key is not None else [])))
+        self._frame: ObsTable | None = None
+        self._codes: ObsTable | None = None
+
+    def encode(
+        self, reader: Callable[[list[str]], pd.DataFrame] | None, frames: Sequence[pd.DataFrame | None]
+    ) -> BatchObs:
+        """A copy encoded for the data: obs read by ``reader(columns)`` (a collection's), else ``frames``.
+
+        Data added without obs (``None`` frames) can yield none; in-memory frames yield all their
+        columns as a DataFrame when neither ``columns`` nor keys were asked for.
+        """
+        out = BatchObs(self.columns, self.keys or None, self.batch_key)
+        default = None
+        if reader is not None:
+            read = reader
+        elif all(f is not None for f in frames):
+            frame = concat_obs(frames)
+            read, default = (lambda columns: frame), list(frame.columns)
+        else:
+            if self.columns or self.key_columns:
+                raise ValueError("obs columns were requested but some datasets were added without obs.")
+            return out
+        if self.key_columns:
+            out._codes = ObsTable(read(self.key_columns), self.key_columns)
+        columns = self.columns
+        if columns is None and not self.key_columns:
+            columns = default
+        if columns:
+            out._frame = ObsTable(read(columns), columns, strings="keep")
+        return out
+
+    @property
+    def categories(self) -> dict[str, pd.Index]:
+        """Labels of the codes of categorical key columns."""
+        return dict(self._codes.categories) if self._codes is not None else {}
+
+    def codes(self, column: str) -> np.ndarray:
+        """The codes (or values) of a key column over all rows."""
+        if self._codes is None:
+            raise KeyError(f"obs column {column!r} was not asked for as a key")
+        return self._codes.arrays[column]
+
+    def fill(self, item: Batch, rows: np.ndarray, to: Target) -> None:
+        """Put the obs of ``rows`` into a batch dict (``"obs"``, and ``"batch"`` with a ``batch_key``)."""
+        if self._frame is not None:
+            item["obs"] = self._frame.frame(rows)
+        if self._codes is not None:
+            arrays = self._codes.take(rows)
+            if self.keys:
+                item["obs"] = {k: convert(arrays[k], to) for k in self.keys}
+            if self.batch_key is not None:
+                item["batch"] = convert(arrays[self.batch_key], to)
+
+
+def concat_obs(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    """Concatenate obs frames; categorical columns get the union of categories (first-seen order)."""
+    if len(frames) == 1:
+        return frames[0]
+    frames = [f.copy() for f in frames]
+    for col in {c for f in frames for c in f.columns}:
+        dtypes = [f[col].dtype for f in frames if col in f.columns]
+        if any(isinstance(d, pd.CategoricalDtype) for d in dtypes):
+            cats: dict = {}
+            for f in frames:
+                if col in f.columns:
+                    s = f[col]
+                    cats.update(
+                        dict.fromkeys(
+                            s.cat.categories
+                            if isinstance(s.dtype, pd.CategoricalDtype)
+                            else s.dropna().unique()
+                        )
+                    )
+            for f in frames:
+                if col in f.columns:
+                    f[col] = pd.Categorical(f[col].astype(object), categories=list(cats))
+    return pd.concat(frames)
 
 
 def _numeric(values: pd.Series, col: str) -> np.ndarray:

@@ -5,7 +5,9 @@ moved into place when complete. Replacing datasets (appending) first records the
 ``.staging/journal.json``; the journal is the commit point. On open, an interrupted commit is finished
 and staging left by an interrupted write is removed, so a kill at any moment leaves either the previous
 or the new collection. On a local file system moves are renames; on other stores (object storage) the
-keys are copied, the dataset's own ``zarr.json`` last, then the staging keys are deleted.
+keys are copied, the dataset's own ``zarr.json`` last, then the staging keys are deleted. Before the
+first move, the versions of the datasets about to be replaced are raised, so loaders reading them stop
+(:class:`annbatch._datasets.Snapshot`) instead of reading a dataset mid-move.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import zarr
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from annbatch._datasets import record_rewrite
 from annbatch.errors import CommitError
 
 STAGING = ".staging"
@@ -88,10 +91,12 @@ class Staging:
         return None if buf is None else json.loads(buf.to_bytes())["commit"]
 
     def _apply_journal(self, names: list[str]) -> None:
-        for name in names:
+        # already moved by an earlier, interrupted commit when no longer staged
+        pending = [name for name in names if self._exists(f"{STAGING}/{name}")]
+        # Before anything moves: a loader reading these datasets learns that they change (Snapshot).
+        record_rewrite(self._group, pending)
+        for name in pending:
             staged = f"{STAGING}/{name}"
-            if not self._exists(staged):
-                continue  # already moved by an earlier, interrupted commit
             if self._exists(name):
                 self._move(name, f"{_OLD}/{name}")
             self._move(staged, name)

@@ -3,56 +3,28 @@
 from __future__ import annotations
 
 import os
-import re
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import anndata as ad
 import numpy as np
-import pandas as pd
 import zarr
-from zarr.storage import LocalStore
 
 from annbatch._convert import Target
+from annbatch._datasets import ENCODING, Datasets, check_version
 from annbatch._lock import STALE_AFTER, LockHeld, WriteLock, describe
 from annbatch._staging import Staging
-from annbatch._zarr import quiet_listing, zarrs_pipeline
 from annbatch.abc import Sampler
 from annbatch.errors import CollectionError, CollectionLockedError
 from annbatch.preshuffle import add_adatas as _add_adatas
-from annbatch.preshuffle._inputs import InputAnnData, InputLike, LoadAdata, _from_store
+from annbatch.preshuffle._inputs import InputLike, LoadAdata
 from annbatch.writer import CompressorsLike
 
 if TYPE_CHECKING:
     from annbatch.loader import Loader
 
 __all__ = ["Collection", "DatasetCollection", "CollectionError", "CollectionLockedError"]
-
-ENCODING = {"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"}
-_DATASET_KEY = re.compile(r"^dataset_(\d+)$")
-
-
-def _version(text: object) -> tuple[int, ...] | None:
-    try:
-        return tuple(int(part) for part in str(text).split("."))
-    except ValueError:
-        return None
-
-
-def _check_version(label: str, found: object) -> None:
-    """Refuse a collection in a newer format than this annbatch reads, before anything reads it wrongly."""
-    ours, theirs = _version(ENCODING["encoding-version"]), _version(found)
-    if theirs is None:
-        raise CollectionError(
-            f"{label!r} has an unreadable encoding-version {found!r}; it was not written by annbatch."
-        )
-    if theirs[:2] > ours[:2]:
-        raise CollectionError(
-            f"{label!r} is in collection format {found}, newer than this annbatch reads "
-            f"({ENCODING['encoding-version']}): upgrade annbatch (pip install -U annbatch)."
-        )
 
 
 def _locked_error(label: str, err: LockHeld) -> CollectionLockedError:
@@ -65,7 +37,7 @@ def _locked_error(label: str, err: LockHeld) -> CollectionLockedError:
     )
 
 
-class Collection:
+class Collection(Datasets):
     """A preshuffled collection of AnnData datasets stored as sharded zarr v3.
 
     The on-disk layout is a zarr group with attributes
@@ -139,7 +111,7 @@ class Collection:
                     f"{self._label!r} exists but is not an annbatch collection "
                     f"(encoding-type {attrs.get('encoding-type')!r}). Choose a new or empty path; nothing was changed."
                 )
-            _check_version(self._label, attrs.get("encoding-version"))
+            check_version(self._label, attrs.get("encoding-version"))
             if self._mode != "r":
                 # Only when no one is writing: staging then belongs to a running writer, which
                 # recovers under its lock before it writes (add_adatas).
@@ -149,115 +121,6 @@ class Collection:
                         Staging(self._group).recover()
         else:
             self._group.attrs.update(ENCODING)
-
-    # -- structure -------------------------------------------------------------------------------------------
-    @property
-    def group(self) -> zarr.Group:
-        """The collection's root zarr group."""
-        return self._group
-
-    @property
-    def dataset_keys(self) -> list[str]:
-        """Names of the datasets in order, such as ``dataset_0``, ``dataset_1``."""
-        with quiet_listing():
-            keys = [k for k in self._group.group_keys() if _DATASET_KEY.match(k)]
-        return sorted(keys, key=lambda k: int(_DATASET_KEY.match(k).group(1)))
-
-    def __len__(self) -> int:
-        return len(self.dataset_keys)
-
-    def __iter__(self) -> Iterator[zarr.Group]:
-        """The datasets' zarr groups (each a complete AnnData store), in order."""
-        with zarrs_pipeline():
-            for key in self.dataset_keys:
-                yield zarr.open_group(self._group.store, path=self._child(key), mode="r")
-
-    @property
-    def is_empty(self) -> bool:
-        """Whether the collection has no datasets yet."""
-        return len(self) == 0
-
-    def _child(self, key: str) -> str:
-        return f"{self._group.path}/{key}" if self._group.path else key
-
-    def _dataset_shapes(self) -> list[tuple[int, int]]:
-        shapes = []
-        for g in self:
-            x = g["X"]
-            shapes.append(tuple(x.attrs["shape"]) if isinstance(x, zarr.Group) else tuple(x.shape[:2]))
-        return shapes
-
-    @property
-    def n_obs(self) -> int:
-        """Total number of rows (cells) over all datasets."""
-        return sum(s[0] for s in self._dataset_shapes())
-
-    @property
-    def n_vars(self) -> int:
-        """Number of variables (genes), shared by all datasets."""
-        shapes = self._dataset_shapes()
-        return shapes[0][1] if shapes else 0
-
-    @property
-    def var(self) -> pd.DataFrame:
-        """The shared var DataFrame."""
-        self._require_datasets()
-        return ad.io.read_elem(next(iter(self))["var"])
-
-    def obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        """Obs of all datasets, concatenated in collection order, reading only the requested columns.
-
-        Parameters
-        ----------
-        columns
-            Columns to read; all columns if ``None``; ``[]`` reads only the index (obs names).
-        """
-        self._require_datasets()
-        frames = []
-        for g in self:
-            obs_group = g["obs"]
-            available = list(obs_group.attrs["column-order"])
-            wanted = available if columns is None else list(columns)
-            missing = [c for c in wanted if c not in available]
-            if missing:
-                raise KeyError(f"obs column(s) {missing} not in the collection; available: {available}.")
-            index = ad.io.read_elem(obs_group[obs_group.attrs["_index"]])
-            frame = pd.DataFrame({c: ad.io.read_elem(obs_group[c]) for c in wanted}, index=pd.Index(index))
-            frames.append(frame)
-        return pd.concat(frames) if len(frames) > 1 else frames[0]
-
-    def _require_datasets(self) -> None:
-        if self.is_empty:
-            raise CollectionError(
-                f"The collection {self._label!r} is empty: add data with `add_adatas` first."
-            )
-
-    def _open_dataset(self, key: str) -> InputAnnData:
-        with zarrs_pipeline():
-            return _from_store(zarr.open_group(self._group.store, path=self._child(key), mode="r"), name=key)
-
-    def _size_on_disk(self) -> int | None:
-        store = self._group.store
-        if not isinstance(store, LocalStore):
-            return None
-        root = Path(store.root) / self._group.path
-        return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
-
-    def __repr__(self) -> str:
-        if self.is_empty:
-            return f"Collection({self._label!r}): empty"
-        shapes = self._dataset_shapes()
-        first = next(iter(self))
-        x = first["X"]
-        kind, dtype = ("csr", x["data"].dtype) if isinstance(x, zarr.Group) else ("dense", x.dtype)
-        size = self._size_on_disk()
-        size_txt = f", {_human_bytes(size)} on disk" if size is not None else ""
-        return (
-            f"Collection({self._label!r}): {len(shapes)} datasets, "
-            f"{sum(s[0] for s in shapes):,} obs × {shapes[0][1]:,} vars, X: {kind} {dtype}{size_txt}\n"
-            f"    rows per dataset: {', '.join(f'{s[0]:,}' for s in shapes[:8])}{' …' if len(shapes) > 8 else ''}\n"
-            f"    obs: {', '.join(first['obs'].attrs['column-order'])}"
-        )
 
     # -- writing ---------------------------------------------------------------------------------------------
     def add_adatas(
@@ -416,11 +279,3 @@ class Collection:
 
 
 DatasetCollection = Collection
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover

@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "AnnbatchError",
     "BackingError",
+    "CollectionChangedError",
     "CollectionError",
     "CollectionLockedError",
     "CommitError",
@@ -36,6 +37,17 @@ class CollectionLockedError(CollectionError):
     def __init__(self, message: str, holder: dict) -> None:
         super().__init__(message)
         self.holder = holder
+
+
+class CollectionChangedError(AnnbatchError, RuntimeError):
+    """An append rewrote datasets a loader reads; build a new loader. :attr:`changed` names them.
+
+    ``changed`` maps each rewritten dataset to its version when the loader was built and now.
+    """
+
+    def __init__(self, message: str, changed: dict[str, tuple[int, int]]) -> None:
+        super().__init__(message)
+        self.changed = changed
 
 
 class CommitError(AnnbatchError, OSError):

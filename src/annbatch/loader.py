@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,29 +12,33 @@ import numpy as np
 import pandas as pd
 
 from annbatch import types
-from annbatch._assemble import Assembler, Batch
-from annbatch._backing import Backing, BackingError, backing_from_memory, backing_from_zarr
+from annbatch._assemble import Batch, read_loads
+from annbatch._backing import (
+    Backing,
+    BackingError,
+    backing_from_memory,
+    backing_from_zarr,
+    backings_from_adatas,
+    check_compatible,
+)
 from annbatch._buffers import BufferPool
 from annbatch._convert import Target, check_target, convert
-from annbatch._fetch import Fetcher
-from annbatch._obs import ObsTable
+from annbatch._obs import BatchObs
 from annbatch._prefetch import Prefetcher
 from annbatch._resume import Progress
 from annbatch.abc import Sampler
-from annbatch.samplers import ClassSampler, RandomSampler, WeightedSampler
+from annbatch.samplers import RandomSampler
+from annbatch.samplers._keyed import KeySamplerSpec
 
 if TYPE_CHECKING:
-    from annbatch.collection import Collection
-    from annbatch.types import LoadRequest
+    from annbatch._datasets import Datasets, Snapshot
 
 try:  # A torch IterableDataset when torch is there (DataLoader then treats it as iterable-style).
     from torch.utils.data import IterableDataset as _Base
 except ImportError:  # pragma: no cover - exercised in environments without torch
-    _Base = object
+    _Base = object  # type: ignore[misc,assignment]
 
 __all__ = ["Loader"]
-
-_KEY_SAMPLERS = ("homogeneous", "balanced")
 
 
 class Loader(_Base):
@@ -128,27 +131,13 @@ class Loader(_Base):
         prefetch: int = 2,
         preload_to_gpu: bool = False,
     ):
-        self._key_sampler: dict | None = None
-        if isinstance(batch_sampler, str):
-            if batch_sampler not in _KEY_SAMPLERS:
-                raise ValueError(
-                    f"`batch_sampler` must be a Sampler, 'homogeneous' or 'balanced', got {batch_sampler!r}."
-                )
-            if batch_key is None:
-                raise ValueError(
-                    f"`batch_sampler={batch_sampler!r}` samples by an obs column: give `batch_key`."
-                )
-            # Built once the key's codes are known (when data is added).
-            self._key_sampler = {"kind": batch_sampler, "batch_size": batch_size, "chunk_size": chunk_size,
-                                 "shuffle": shuffle,
-                                 "preload_nchunks": preload_nchunks, "weights": class_weights,
-                                 "num_samples": num_samples, "drop_last": drop_last, "rng": rng, "seed": seed}  # fmt: skip
-            batch_sampler = None
-        elif class_weights is not None or num_samples is not None:
-            raise ValueError(
-                "`class_weights`/`num_samples` apply to batch_sampler='homogeneous' or 'balanced'."
-            )
-        if batch_sampler is None:
+        self._key_sampler = KeySamplerSpec.of(
+            batch_sampler, batch_key, batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks,
+            shuffle=shuffle, drop_last=drop_last, rng=rng, seed=seed, class_weights=class_weights,
+            num_samples=num_samples,
+        )  # fmt: skip
+        # With a key sampler, this one stands in until data is added.
+        if self._key_sampler is not None or batch_sampler is None:
             batch_sampler = RandomSampler(batch_size, chunk_size, preload_nchunks, shuffle=shuffle,
                                           drop_last=drop_last, rng=rng, seed=seed)  # fmt: skip
         elif not isinstance(batch_sampler, Sampler):
@@ -162,45 +151,42 @@ class Loader(_Base):
         self._sampler = batch_sampler
         self._to = check_target(to)
         self._return_index = return_index
-        if obs_columns is not None and obs_keys is not None:
-            raise ValueError(
-                "Give `obs_columns` (a pandas DataFrame per batch) or `obs_keys` (arrays per batch), not both."
-            )
-        self._obs_columns = list(obs_columns) if obs_columns is not None else None
-        self._obs_keys = list(obs_keys) if obs_keys is not None else []
-        self._batch_key = batch_key
-        self._key_columns = list(
-            dict.fromkeys(self._obs_keys + ([batch_key] if batch_key is not None else []))
-        )
-        self._frame_table: ObsTable | None = None
-        self._key_table: ObsTable | None = None
+        self._batch_obs = BatchObs(obs_columns, obs_keys, batch_key)
         self._prefetch = prefetch
         self._buffers = BufferPool()  # load buffers, recycled across loads and epochs
         self._backings: list[Backing] = []
         self._obs: list[pd.DataFrame | None] = []
-        self._obs_reader: Callable[[Sequence[str] | None], pd.DataFrame] | None = None
+        self._obs_reader: Callable[[list[str]], pd.DataFrame] | None = None
+        self._snapshot: Snapshot | None = None  # the collection's versions, checked after every load
         self._var: pd.DataFrame | None = None
         self._progress = Progress()
 
     # -- adding data -----------------------------------------------------------------------------------------
     def use_collection(
-        self, collection: Collection, *, load_adata: Callable | None = None, layer: str | None = None
+        self, collection: Datasets, *, load_adata: Callable | None = None, layer: str | None = None
     ) -> Loader:
-        """Read from every dataset of a :class:`~annbatch.Collection` (``X``, or ``layers[layer]``)."""
+        """Read from every dataset of a :class:`~annbatch.Collection` (``X``, or ``layers[layer]``).
+
+        The loader reads the collection as it is now. If an append rewrites a dataset it reads, the
+        next load raises :class:`~annbatch.errors.CollectionChangedError`: build a new loader then.
+        """
         if self._backings:
             raise ValueError("This loader already has data; use a new Loader for another collection.")
         if collection.is_empty:
             raise ValueError(f"The collection {collection!r} is empty: add data with `add_adatas` first.")
+        snapshot = collection.snapshot()  # before opening anything: a commit from now on is seen
         if load_adata is not None:
             for group in collection:
                 self.add_adata(load_adata(group))
-            return self
-        key = "X" if layer is None else f"layers/{layer}"
-        backings = [
-            backing_from_zarr(group[key], name=f"{group.path}/{key}", complete=True) for group in collection
-        ]
-        self._obs_reader = collection.obs
-        self._add_backings(backings, [None] * len(backings), var=collection.var)
+        else:
+            key = "X" if layer is None else f"layers/{layer}"
+            backings = [
+                backing_from_zarr(group[key], name=f"{group.path}/{key}", complete=True)
+                for group in collection
+            ]
+            self._obs_reader = collection.obs
+            self._add_backings(backings, [None] * len(backings), var=collection.var)
+        self._snapshot = snapshot
         return self
 
     def add_adata(self, adata: ad.AnnData, *, layer: str | None = None) -> Loader:
@@ -209,20 +195,7 @@ class Loader(_Base):
 
     def add_adatas(self, adatas: Sequence[ad.AnnData], *, layer: str | None = None) -> Loader:
         """Add several AnnData objects, in order."""
-        for i, adata in enumerate(adatas[1:], start=1):
-            if not adata.var_names.equals(adatas[0].var_names):
-                raise BackingError(
-                    f"AnnData #{i} has different var names than AnnData #0; subset them to one var space "
-                    "(e.g. `adata[:, shared_genes]`) before adding."
-                )
-        backings = []
-        for i, adata in enumerate(adatas):
-            x = adata.X if layer is None else adata.layers[layer]
-            if x is None:
-                raise BackingError(f"AnnData #{i} has no X; pass `layer=` or add X.")
-            backings.append(
-                backing_from_memory(x, name=f"X of AnnData #{i}" if layer is None else f"layer {layer!r}")
-            )
+        backings = backings_from_adatas(adatas, layer=layer)
         self._add_backings(backings, [a.obs for a in adatas], var=adatas[0].var if adatas else None)
         return self
 
@@ -245,16 +218,7 @@ class Loader(_Base):
 
     def _add_backings(self, backings: list[Backing], obs: list, var: pd.DataFrame | None) -> None:
         everything = self._backings + backings
-        kinds = {b.kind for b in everything}
-        if len(kinds) > 1:
-            raise BackingError(
-                "Cannot mix sparse (CSR) and dense datasets in one loader; convert them to one kind."
-            )
-        widths = {b.shape[1:] for b in everything}
-        if len(widths) > 1:
-            raise BackingError(
-                f"Datasets have different numbers of variables {sorted(widths)}; align their var first."
-            )
+        check_compatible(everything)
         for o, b in zip(obs, backings, strict=True):
             if o is not None and len(o) != b.n_obs:
                 raise ValueError(f"obs has {len(o)} rows but its dataset has {b.n_obs}.")
@@ -262,19 +226,17 @@ class Loader(_Base):
             raise BackingError(
                 "The added data's var names differ from the loader's; subset them to one var space."
             )
-        dtypes = {b.dtype for b in everything}
-        if len(dtypes) > 1:
-            warnings.warn(f"Datasets have different dtypes {sorted(map(str, dtypes))}; promoting to "
-                          f"{np.result_type(*dtypes)}.", stacklevel=3)  # fmt: skip
-        before = (self._backings, self._obs, self._var, self._sampler, self._frame_table, self._key_table)
-        self._backings, self._obs = everything, self._obs + obs
+        all_obs = self._obs + obs
+        batch_obs = self._batch_obs.encode(self._obs_reader, all_obs)
+        sampler = self._sampler
+        if self._key_sampler is not None:
+            key = self._key_sampler.batch_key
+            sampler = self._key_sampler.build(batch_obs.codes(key), batch_obs.categories.get(key))
+        n_obs = sum(b.n_obs for b in everything)
+        sampler.validate(n_obs)  # bad masks, scattered keys etc. fail before any read
+        # Nothing is changed until everything above passed.
+        self._backings, self._obs, self._batch_obs, self._sampler = everything, all_obs, batch_obs, sampler
         self._var = var if var is not None else self._var
-        try:
-            self._prepare_obs()  # also builds a batch_key sampler from the codes
-            self._sampler.validate(self.n_obs)  # bad masks, scattered keys etc. fail before any read
-        except BaseException:
-            (self._backings, self._obs, self._var, self._sampler, self._frame_table, self._key_table) = before
-            raise
 
     # -- properties ------------------------------------------------------------------------------------------
     @property
@@ -324,29 +286,13 @@ class Loader(_Base):
     def state_dict(self) -> dict[str, Any]:
         """Where iteration stands: the epoch, and the mini-batches yielded of it so far.
 
-        The state counts batches handed to the consumer (not loads read ahead in the background). It
-        is a small dict of integers: ``{"version": 1, "epoch": e, "runs": [[world_size, batches], ...]}``
-        where each run of an interrupted epoch records its number of ranks and the batches each rank
-        yielded. Between epochs it names the next epoch. Lightning saves it into checkpoints (a
-        loader is a stateful dataloader) and restores it on resumption.
-
-        Guarantees, given the same collection and sampler settings (seed included):
-
-        - on the same number of ranks, a fresh loader given the state yields exactly the rest of the
-          epoch, batch for batch, as if never interrupted;
-        - on another number of ranks (with a :class:`~annbatch.samplers.DistributedSampler`), the rest
-          of the epoch is dealt anew: over the whole epoch no row is yielded twice, and rows are left
-          out only by ``equal_batches`` truncation. One rank's state resumes every rank, since ranks
-          yield the same number of batches.
-
-        Inside :class:`torch.utils.data.DataLoader` workers the iteration happens in copies of the
-        loader, which this process's state does not see: resume without workers (as the
-        :class:`~annbatch.lightning.CollectionDataModule` does) for these guarantees.
-
-        Returns
-        -------
-        dict
-            A JSON-able state for :meth:`load_state_dict`.
+        A small JSON-able dict, ``{"version": 1, "epoch": e, "runs": [[world_size, batches], ...]}``,
+        counting batches handed to the consumer (never loads read ahead); Lightning saves it in
+        checkpoints. Given the same data and sampler settings (seed included), a fresh loader given it
+        yields the rest of the epoch batch for batch on the same number of ranks, and on another number
+        (with a :class:`~annbatch.samplers.DistributedSampler`) deals the rest anew, no row twice. It
+        does not see iteration inside :class:`torch.utils.data.DataLoader` workers (their copies): see
+        :ref:`resuming` for the details.
         """
         return self._progress.state_dict()
 
@@ -372,10 +318,10 @@ class Loader(_Base):
         self._require_data()
         sampler = self._epoch_sampler()
         sampler.validate(self.n_obs)
-        loads = self._batches(self._progress.begin(sampler, self.n_obs))
-        if self._prefetch:
-            loads = Prefetcher(loads, depth=self._prefetch)
-        for load in loads:
+        verify = self._snapshot.verify if self._snapshot is not None else None
+        reads = read_loads(self._backings, self._buffers, self._progress.begin(sampler, self.n_obs), verify)
+        loads = ([self._item(batch) for batch in load] for load in reads)
+        for load in Prefetcher(loads, depth=self._prefetch) if self._prefetch else loads:
             for batch in load:
                 self._progress.yielded()  # counted before the consumer holds it
                 yield batch
@@ -390,120 +336,22 @@ class Loader(_Base):
         sampler.set_epoch(self._progress.next_epoch)
         return sampler
 
-    def _batches(self, requests: Iterator[LoadRequest]) -> Iterator[list[types.Batch]]:
-        fetcher = Fetcher(self._backings)
-        first = self._backings[0]
-        dtype = np.result_type(*{b.dtype for b in self._backings})
-        assembler = Assembler(fetcher, dtype, first.shape[1], first.shape[1:], self._buffers)
-        requests = iter(requests)
-
-        def hand_out(load) -> list[types.Batch]:
-            return [self._item(batch) for batch in assembler.collect(load)]
-
-        pending = None
-        try:
-            while True:
-                try:
-                    submitted = assembler.submit(next(requests))  # read while the previous load is handed out
-                except StopIteration:
-                    break
-                except BaseException:
-                    if pending is not None:  # what was read before the failure still reaches the consumer
-                        yield hand_out(pending)
-                    raise
-                if pending is not None:
-                    yield hand_out(pending)
-                pending = submitted
-            if pending is not None:
-                yield hand_out(pending)
-        finally:
-            fetcher.close()
-
-    def _prepare_obs(self) -> None:
-        """Encode the requested obs columns once (called whenever data is added)."""
-        self._frame_table = self._key_table = None
-        if self._obs_reader is None and not all(o is not None for o in self._obs):
-            if self._obs_columns or self._key_columns:
-                raise ValueError("obs columns were requested but some datasets were added without obs.")
-            return
-        if self._key_columns:
-            self._key_table = ObsTable(self._read_obs(self._key_columns), self._key_columns)
-        columns = self._obs_columns
-        if columns is None and self._obs_reader is None and not self._key_columns:
-            columns = list(_concat_obs(self._obs).columns)  # compatible default: all columns as a DataFrame
-        if columns:
-            self._frame_table = ObsTable(self._read_obs(columns), columns, strings="keep")
-        if self._key_sampler is not None:
-            self._sampler = self._build_key_sampler()
-
-    def _build_key_sampler(self) -> Sampler:
-        spec = dict(self._key_sampler)
-        codes = self._key_table.arrays[self._batch_key]
-        categories = self._key_table.categories.get(self._batch_key)
-        if categories is None:
-            raise TypeError(f"batch_key {self._batch_key!r} must be categorical to sample by it.")
-        classes = pd.Categorical.from_codes(codes, categories=categories)
-        kind, weights = spec.pop("kind"), spec.pop("weights")
-        sizes = (spec.pop("batch_size"), spec.pop("chunk_size"), spec.pop("preload_nchunks"))
-        if kind == "homogeneous":
-            return ClassSampler(classes, *sizes, class_weights=weights, **spec)
-        spec.pop("shuffle")  # weighted draws are random by nature
-        return WeightedSampler(classes, *sizes, weights="balanced" if weights is None else weights, **spec)
-
-    def _read_obs(self, columns: Sequence[str]) -> pd.DataFrame:
-        if self._obs_reader is not None:
-            return self._obs_reader(list(dict.fromkeys(columns)))
-        return _concat_obs(self._obs)
-
     @property
     def categories(self) -> dict[str, pd.Index]:
         """Labels of the integer codes yielded for categorical ``obs_keys`` and ``batch_key``.
 
-        ``categories["donor"][code]`` is the label of ``code``; ``-1`` codes are missing values. For a
-        collection these are the categories stored with it: the union over all inputs, in the order
-        first seen at conversion, with categories brought by later appends added at the end, so codes
-        stay valid across appends and runs.
+        ``categories["donor"][code]`` is the label of ``code``; ``-1`` marks a missing value. For a
+        collection these are its stored categories (appends add new ones at the end), so codes stay
+        valid across appends and runs.
         """
-        return dict(self._key_table.categories) if self._key_table is not None else {}
+        return self._batch_obs.categories
 
     def _item(self, batch: Batch) -> types.Batch:
-        item = {"X": convert(batch.X, self._to), "obs": None, "var": self._var, "index": None}
-        if self._frame_table is not None:
-            item["obs"] = self._frame_table.frame(batch.rows)
-        if self._key_table is not None:
-            arrays = self._key_table.take(batch.rows)
-            if self._obs_keys:
-                item["obs"] = {k: convert(arrays[k], self._to) for k in self._obs_keys}
-            if self._batch_key is not None:
-                item["batch"] = convert(arrays[self._batch_key], self._to)
+        item: types.Batch = {"X": convert(batch.X, self._to), "obs": None, "var": self._var, "index": None}
+        self._batch_obs.fill(item, batch.rows, self._to)
         if self._return_index:
             item["index"] = batch.rows
         return item
-
-
-def _concat_obs(frames: Sequence[pd.DataFrame]) -> pd.DataFrame:
-    """Concatenate obs frames; categorical columns get the union of categories (first-seen order)."""
-    if len(frames) == 1:
-        return frames[0]
-    frames = [f.copy() for f in frames]
-    for col in {c for f in frames for c in f.columns}:
-        dtypes = [f[col].dtype for f in frames if col in f.columns]
-        if any(isinstance(d, pd.CategoricalDtype) for d in dtypes):
-            cats: dict = {}
-            for f in frames:
-                if col in f.columns:
-                    s = f[col]
-                    cats.update(
-                        dict.fromkeys(
-                            s.cat.categories
-                            if isinstance(s.dtype, pd.CategoricalDtype)
-                            else s.dropna().unique()
-                        )
-                    )
-            for f in frames:
-                if col in f.columns:
-                    f[col] = pd.Categorical(f[col].astype(object), categories=list(cats))
-    return pd.concat(frames)
 
 
 def _torch_worker_info():

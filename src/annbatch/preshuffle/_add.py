@@ -18,7 +18,7 @@ from annbatch._staging import Staging
 from annbatch.writer import CompressorsLike, min_index_dtype
 
 from ._build import DatasetTask, SourceSpec, build_dataset
-from ._inputs import InputAnnData, InputError, InputLike, LoadAdata, open_input
+from ._inputs import InputAnnData, InputError, InputLike, LoadAdata, _from_store, open_input
 from ._plan import (
     Block,
     ElementSpec,
@@ -32,7 +32,7 @@ from ._plan import (
 )
 
 if TYPE_CHECKING:
-    from annbatch.collection import Collection
+    from annbatch._datasets import Datasets
 
 DEFAULT_MEMORY_FRACTION = 0.125
 """Default conversion memory limit, as a fraction of the RAM available when the conversion starts."""
@@ -45,7 +45,7 @@ GROUPBY_ATTR = "groupby"
 
 
 def add_adatas(
-    collection: Collection,
+    collection: Datasets,
     inputs: Sequence[InputLike],
     *,
     shuffle: bool = True,
@@ -76,7 +76,7 @@ def add_adatas(
     )
     opened: list[InputAnnData] = []
     try:
-        existing = [collection._open_dataset(name) for name in collection.dataset_keys]
+        existing = [_from_store(group, name=group.basename) for group in collection]
         groupby = _collection_groupby(collection, groupby, appending=bool(existing))
         # In-memory inputs are named "<AnnData #i>", numbered after those already in the collection.
         first = _n_anndata_sources(existing)
@@ -174,7 +174,7 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
 
 
 def _collection_groupby(
-    collection: Collection, groupby: Sequence[str] | str | None, *, appending: bool
+    collection: Datasets, groupby: Sequence[str] | str | None, *, appending: bool
 ) -> list[str]:
     """The obs columns to sort datasets by: the ones the collection was created with, when appending.
 
