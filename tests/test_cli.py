@@ -66,7 +66,7 @@ def test_convert_options(tmp_path, h5ad_files, capsys):
     [
         (["convert", "{tmp}/missing.h5ad", "-o", "{tmp}/out.zarr"], "missing.h5ad"),
         (["convert", "{csc}", "-o", "{tmp}/out.zarr"], "tocsr"),
-        (["convert", "{good}", "-o", "{tmp}/out.zarr", "--dataset-size", "lots"], "dataset_size"),
+        (["convert", "{good}", "-o", "{tmp}/out.zarr", "--dataset-size", "lots"], "`--dataset-size lots`"),
         (["convert", "{good}", "-o", "{tmp}/out.zarr", "--groupby", "nope"], "nope"),
         (["info", "{tmp}/missing.zarr"], "No collection"),
         (["info", "{tmp}/plain"], "not an annbatch collection"),
@@ -198,3 +198,116 @@ def test_ctrl_c_during_an_append(tmp_path, h5ad_files):
     assert lines == [f"annbatch convert: interrupted; {out} unchanged, 400 rows"], err
     coll = Collection(out, mode="a")  # recovers whatever the interrupted run staged
     assert coll.n_obs == 400
+
+
+# -- errors speak the command line: flags, not the Python API's parameter names ---------------------------
+_API_NAMES = ("dataset_size", "shard_size", "memory_limit", "shuffle_chunk_size", "n_obs_per_chunk",
+              "lock_timeout", "`groupby", "groupby=", "`join", "join=")  # fmt: skip
+
+
+def _disjoint_h5ad(tmp_path: Path) -> Path:
+    from annbatch.synthetic import make_adata
+
+    path = tmp_path / "other_genes.h5ad"
+    make_adata(50, 20, var_names=[f"other_{i}" for i in range(20)], obs_prefix="o", seed=5).write_h5ad(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--dataset-size", "10XB"], "`--dataset-size 10XB` is not a size"),
+        (["--dataset-size", "0"], "`--dataset-size` must be at least 1 row, got 0"),
+        (["--dataset-size", "-5"], "`--dataset-size` must be at least 1 row, got -5"),
+        (["--shard-size", "0MB"], "`--shard-size` must be positive"),
+        (["--shard-size", "lots"], "`--shard-size lots` is not a size"),
+        (["--memory-limit", "10XB"], "`--memory-limit 10XB` is not a size"),
+        (["--memory-limit", "0"], "`--memory-limit` must be positive"),
+        (["--shuffle-chunk-size", "0"], "`--shuffle-chunk-size` must be at least 1"),
+        (["--n-obs-per-chunk", "-1"], "`--n-obs-per-chunk` must be at least 1"),
+        (["--groupby", "donor", "--groupby", "nope"], "`--groupby` column(s) ['nope'] are missing"),
+        (["{disjoint}", "--join", "inner"],
+         "`--join inner`: the inputs share no var names. Use `--join outer`."),  # fmt: skip
+    ],
+)
+def test_errors_name_the_flags(tmp_path, h5ad_files, capsys, options, message):
+    inputs = [str(h5ad_files[0]), *(str(_disjoint_h5ad(tmp_path)) for o in options if o == "{disjoint}")]
+    options = [o for o in options if o != "{disjoint}"]
+    assert main(["convert", *inputs, "-o", str(tmp_path / "out.zarr"), "-q", *options]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("annbatch convert: error: ") and message in err[0], err[0]
+    assert not any(name in err[0] for name in _API_NAMES), err[0]
+
+
+def test_a_locked_collection_names_lock_timeout_as_a_flag(tmp_path, h5ad_files, capsys):
+    from annbatch._lock import WriteLock
+
+    out = tmp_path / "c.zarr"
+    assert main(["convert", str(h5ad_files[0]), "-o", str(out), "--seed", "0", "-q"]) == 0
+    capsys.readouterr()
+    lock = WriteLock(Collection(out).group)
+    lock.acquire()
+    try:
+        assert main(["convert", str(h5ad_files[1]), "-o", str(out), "-q", "--lock-timeout", "0.1"]) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "being written by another process" in err[0], err
+    assert "`--lock-timeout`" in err[0] and "lock_timeout" not in err[0]
+    assert Collection(out, mode="r").n_obs == 400
+
+
+def test_a_damaged_input_is_one_line(tmp_path, h5ad_files, capsys):
+    damaged = tmp_path / "cut.h5ad"
+    damaged.write_bytes(h5ad_files[0].read_bytes()[:5000])  # a copy that stopped short
+    assert main(["convert", str(damaged), "-o", str(tmp_path / "out.zarr")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cut.h5ad" in err[0] and "damaged" in err[0], err
+    assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["convert", "a.h5ad", "-o", "c.zarr", "--dataset-size", "1.5"], "argument --dataset-size: '1.5'"),
+        (["convert", "a.h5ad", "-o", "c.zarr", "--seed", "-1"], "argument --seed: must be at least 0"),
+        (["demo", "--n-files", "0"], "argument --n-files: must be at least 1, got 0"),
+        (["demo", "--n-obs", "0"], "argument --n-obs: must be at least 1, got 0"),
+        (["demo", "--n-vars", "-3"], "argument --n-vars: must be at least 1, got -3"),
+    ],
+)
+def test_bad_numbers_are_refused_by_their_flag(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c.zarr").exists()
+
+
+def test_demo_output_errors_name_the_flag(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "done" / "demo.zarr").mkdir(parents=True)
+    for folder, message in (("afile", "is a file"), ("done", "already holds a demo.zarr")):
+        assert main(["demo", "--output", str(tmp_path / folder), "-q"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        assert f"`--output {tmp_path / folder}` {message}" in err[0], err[0]
+        assert "mode=" not in err[0]
+
+
+def test_rename_parameters():
+    from annbatch.errors import rename_parameters
+
+    flags = {"dataset_size": "--dataset-size", "groupby": "--groupby", "join": "--join"}
+    assert rename_parameters("`dataset_size='10XB'` no", flags) == "`--dataset-size 10XB` no"
+    assert rename_parameters("`dataset_size` must be positive", flags) == "`--dataset-size` must be positive"
+    assert (
+        rename_parameters("converted with `groupby=['a', 'b c']`; `join='inner'`", flags)
+        == "converted with `--groupby a --groupby 'b c'`; `--join inner`"
+    )
+    assert rename_parameters("`seed` and `adata.X = x` stay", flags) == "`seed` and `adata.X = x` stay"
+    keys = {"batch_size": "data.batch_size"}
+    assert rename_parameters("`batch_size=0` or `batch_size`", keys, flags=False) == (
+        "`data.batch_size=0` or `data.batch_size`"
+    )

@@ -271,3 +271,40 @@ def test_reference_models_through_the_datamodule(coll_path, tmp_path, model_name
         assert model.hparams.n_classes == len(dm.categories["cell_type"])
         assert {"train/loss", "val/loss", "val/acc"} <= set(trainer.callback_metrics)
     assert trainer.global_step == 6
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "pattern"),
+    [
+        ({"chunk_size": 0}, ValueError, r"`chunk_size` must be at least 1, got 0"),
+        ({"chunk_size": -4}, ValueError, r"`chunk_size` must be at least 1, got -4"),
+        ({"batch_size": "64"}, TypeError, r"`batch_size` must be an int"),
+        ({"val_batch_size": -1}, ValueError, r"`val_batch_size` must be at least 1"),
+        ({"val_batch_size": 0}, ValueError, r"`val_batch_size` must be at least 1"),
+        ({"seed": -1}, ValueError, r"`seed` must be at least 0"),
+        ({"prefetch": -1}, ValueError, r"`prefetch` must be at least 0"),
+        ({"batch_size": 512}, ValueError, r"`batch_size=512` is more than the rows of one load"),
+        ({"to": "tensorflow"}, ValueError, r"`to` must be"),
+        ({"batch_sampler": 42}, TypeError, r"`batch_sampler` must be None, 'homogeneous', 'balanced' or"),
+        ({"batch_key": "nope"}, KeyError, r"`batch_key='nope'`: no such obs column.*available.*donor"),
+        ({"split_key": "nope", "val_values": ["x"]}, KeyError, r"`split_key='nope'`: no such obs column"),
+        ({"layer": "counts"}, KeyError, r"`layer='counts'`: no such layer"),
+        ({"batch_key": "n_counts", "batch_sampler": "homogeneous"}, ValueError,
+         r"`batch_key='n_counts'` must be a categorical obs column"),
+    ],
+)
+def test_errors_name_the_datamodules_parameter(coll_path, kwargs, error, pattern):
+    """Raised when the data module is made (not later, in the Trainer), naming its own parameters."""
+    with pytest.raises(error, match=pattern):
+        _dm(coll_path, **kwargs)
+
+
+def test_one_column_or_value_is_a_list_of_one(coll_path):
+    dm = _dm(coll_path, obs_keys="cell_type", split_key="donor", val_values="donor_0")
+    assert dm.obs_keys == ["cell_type"] and len(dm.val_rows) > 0
+
+
+def test_a_missing_collection_says_how_to_make_one(tmp_path):
+    with pytest.raises(CollectionError, match=r"nope\.zarr.*annbatch convert") as info:
+        CollectionDataModule(tmp_path / "nope.zarr")
+    assert "mode=" not in str(info.value)

@@ -297,3 +297,22 @@ def test_run_from_python(tmp_path, small_demo, capsys):
     assert 0.0 <= metrics["val/acc"] <= 1.0 and metrics["val/loss"] > 0
     assert f"outputs in {tmp_path}" in capsys.readouterr().out
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.batch_size=0"], "`data.batch_size` must be at least 1, got 0"),
+        (["data.layer=counts"], "`data.layer='counts'`: no such layer"),
+        (["+data.nope=1"], "`data.nope` is not a setting of data"),
+        (["model.hidden_dims=[-1]"], "`model.hidden_dims` must be positive"),
+        (["model.label_key=donor"], "`model.label_key='donor'` is not one of the datamodule's obs_keys"),
+    ],
+)
+def test_bad_settings_are_one_line_naming_the_config_key(tmp_path, demo_dir, small_demo, overrides, message):
+    done = _train([*DEMO, *overrides, "trainer.max_steps=1"], cwd=tmp_path, demo_dir=demo_dir, timeout=180)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("annbatch train: error: "), done.stderr[-3000:]
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in done.stderr

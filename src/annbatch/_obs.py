@@ -75,6 +75,9 @@ class BatchObs:
             raise ValueError(
                 "Give `obs_columns` (a pandas DataFrame per batch) or `obs_keys` (arrays per batch), not both."
             )
+        # one column name is a list of one, not of its characters
+        columns = [columns] if isinstance(columns, str) else columns
+        keys = [keys] if isinstance(keys, str) else keys
         self.columns = list(columns) if columns is not None else None
         self.keys = list(keys) if keys is not None else []
         self.batch_key = batch_key

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import shutil
 import signal
 import sys
@@ -14,11 +15,48 @@ from pathlib import Path
 from typing import Any
 
 from .collection import Collection, CollectionError
-from .preshuffle import InputError
+from .errors import AnnbatchError, rename_parameters
+
+
+# How annbatch's messages name a parameter: in backticks, alone (`dataset_size`) or with its value
+# (`join='inner'`, `groupby=['donor']`).
+def _flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's destination (the Python API's parameter of that name) → its long flag."""
+    return {
+        a.dest: max(a.option_strings, key=len)
+        for a in parser._actions
+        if a.option_strings and not isinstance(a, argparse._HelpAction | argparse._VersionAction)
+    }
+
+
+def _message(err: BaseException, parser: argparse.ArgumentParser) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)  # no repr quotes
+    return rename_parameters(str(text), _flags(parser))
 
 
 def _size(value: str) -> str | int:
-    return int(value) if value.isdigit() else value
+    """A size option: a whole number (rows, or bytes for --memory-limit), or a number with a unit."""
+    if re.fullmatch(r"\s*[-+]?\d+\s*", value):
+        return int(value)
+    if re.fullmatch(r"\s*[-+]?(\d+\.\d*|\.\d+)\s*", value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is neither a whole number nor a size with a unit (such as 512MB or 1GB)"
+        )
+    return value
+
+
+def _count(minimum: int):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {value!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+
+    parse.__name__ = "int"  # argparse's messages name the type
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="annbatch", description="Preshuffled single-cell collections.")
     parser.add_argument("--version", action="version", version=f"annbatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # the subcommands' parsers, by name
 
     convert = sub.add_parser(
         "convert", help="convert .h5ad/.zarr AnnData files into a collection (or append)"
@@ -34,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("inputs", nargs="+", help=".h5ad files or .zarr AnnData stores")
     convert.add_argument("-o", "--output", required=True, help="collection path (created, or appended to)")
     convert.add_argument("--groupby", action="append", default=None, help="obs column to sort datasets by")
-    convert.add_argument("--seed", type=int, default=None, help="random seed (same seed, same collection)")
+    convert.add_argument("--seed", type=_count(0), default=None,
+                         help="random seed (same seed, same collection)")  # fmt: skip
     convert.add_argument("--dataset-size", type=_size, default="20GB", help="rows, or bytes like 20GB")
     convert.add_argument("--shuffle-chunk-size", type=int, default=1000, help="rows per dealt block")
     convert.add_argument("--join", choices=["outer", "inner"], default="outer")
@@ -42,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--memory-limit", type=_size, default=None, help="peak memory to plan for, e.g. 4GB")
     convert.add_argument("--n-obs-per-chunk", type=int, default=32)
     convert.add_argument("--shard-size", type=_size, default="1GB")
+    convert.add_argument("--lock-timeout", type=float, default=10.0,
+                         help="seconds to wait while another process writes to the collection")  # fmt: skip
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     info = sub.add_parser("info", help="describe a collection")
@@ -49,10 +91,10 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="generate synthetic data, convert it and show the collection")
     demo.add_argument("--output", default=None, help="where to write (default: a temporary folder)")
-    demo.add_argument("--n-files", type=int, default=3)
-    demo.add_argument("--n-obs", type=int, default=20_000, help="cells per file")
-    demo.add_argument("--n-vars", type=int, default=2_000)
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--n-files", type=_count(1), default=3)
+    demo.add_argument("--n-obs", type=_count(1), default=20_000, help="cells per file")
+    demo.add_argument("--n-vars", type=_count(1), default=2_000)
+    demo.add_argument("--seed", type=_count(0), default=0)
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
     # Listed for `annbatch --help`; `main` hands `train` and everything after it to Hydra before parsing.
@@ -72,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .train import main as train
 
         return train(argv[1:])
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     try:
         if args.command == "convert":
             return _convert(args)
@@ -84,8 +127,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(Collection(args.path, mode="r"))
         else:
             _demo(args)
-    except (InputError, CollectionError, ValueError, FileNotFoundError, KeyError) as err:
-        print(f"annbatch {args.command}: error: {err}", file=sys.stderr)
+    except (AnnbatchError, ValueError, KeyError, OSError) as err:
+        # The API's messages name its parameters; say them as the flags the user typed.
+        message = _message(err, parser.commands[args.command])
+        print(f"annbatch {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 
@@ -105,7 +150,7 @@ def _convert(args: argparse.Namespace) -> int:
                 args.inputs, shuffle=not args.no_shuffle, seed=args.seed, dataset_size=args.dataset_size,
                 shuffle_chunk_size=args.shuffle_chunk_size, groupby=args.groupby, join=args.join,
                 memory_limit=args.memory_limit, n_obs_per_chunk=args.n_obs_per_chunk,
-                shard_size=args.shard_size, progress=_progress(args),
+                shard_size=args.shard_size, lock_timeout=args.lock_timeout, progress=_progress(args),
             )  # fmt: skip
     except BaseException as err:
         if created:  # the folder is ours: a failed conversion leaves nothing behind
@@ -171,6 +216,12 @@ def _remove_unused(output: Path) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .synthetic import write_h5ad_files
 
+    if args.output and Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ValueError(f"`output={args.output!r}` is a file: give a folder (created if missing).")
+    if args.output and (Path(args.output) / "demo.zarr").exists():
+        raise ValueError(
+            f"`output={args.output!r}` already holds a demo.zarr: give another folder, or remove it first."
+        )
     root = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="annbatch-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     print(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -202,6 +203,10 @@ class Collection(Datasets):
             )
         if seed is not None and rng is not None:
             raise ValueError("Give either `seed` or `rng`, not both.")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}.")
+        if seed is not None and seed < 0:
+            raise ValueError(f"`seed` must be 0 or more, got {seed}.")
         lock = WriteLock(self._group)
         try:
             lock.acquire(timeout=lock_timeout)
@@ -261,6 +266,15 @@ class Collection(Datasets):
         if sampler is not None:
             if batch_sampler is not None:
                 raise ValueError("Give `batch_sampler` only; `sampler` is its former name.")
+            # Checked here so that errors name the parameter the caller used.
+            if isinstance(sampler, str) and sampler not in ("homogeneous", "balanced"):
+                raise ValueError(
+                    f"`sampler` must be a Sampler, 'homogeneous' or 'balanced', got {sampler!r}."
+                )
+            if not isinstance(sampler, str | Sampler):
+                raise TypeError(f"`sampler` must be an annbatch.abc.Sampler, got {type(sampler).__name__}.")
+            if isinstance(sampler, str) and batch_key is None:
+                raise ValueError(f"`sampler={sampler!r}` samples by an obs column: give `batch_key`.")
             warnings.warn(
                 "`Collection.loader(sampler=...)` is deprecated; call it `batch_sampler=...` "
                 "(the name annbatch.Loader and torch use).",

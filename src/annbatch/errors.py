@@ -2,10 +2,16 @@
 
 Each is also the fitting built-in (:class:`ValueError` for bad input or settings, :class:`OSError`
 for a failed write), so code that catches those keeps working. Messages name the file, element or
-parameter at fault and what to do.
+parameter at fault and what to do; parameters in backticks (`` `name` `` or `` `name=value` ``), so
+that front ends can write them as their users spell them (:func:`rename_parameters`).
 """
 
 from __future__ import annotations
+
+import ast
+import re
+import shlex
+from collections.abc import Mapping
 
 __all__ = [
     "AnnbatchError",
@@ -60,3 +66,38 @@ class BackingError(AnnbatchError, ValueError):
 
 class TrainError(AnnbatchError, ValueError):
     """A problem with a training configuration or its data; ``annbatch train`` prints it as one line."""
+
+
+_PARAMETER = re.compile(r"`(?P<name>[A-Za-z_]\w*)(?:=(?P<value>[^`]*))?`")
+
+
+def rename_parameters(message: str, spelled: Mapping[str, str], *, flags: bool = True) -> str:
+    """``message`` with the parameters it names written as the user gave them.
+
+    The Python API's messages name a parameter in backticks, alone or with a value. Each name in
+    ``spelled`` becomes its spelling there: a command-line flag (``flags=True``: `dataset_size` →
+    `--dataset-size`, `join='inner'` → `--join inner`, `groupby=['a', 'b']` → `--groupby a --groupby b`)
+    or a config key (``flags=False``: `batch_size=0` → `data.batch_size=0`). Other names stay as they are.
+    """
+
+    def spell(match: re.Match) -> str:
+        name, value = match["name"], match["value"]
+        if name not in spelled:
+            return match[0]
+        key = spelled[name]
+        if value is None:
+            return f"`{key}`"
+        return f"`{_as_flag(key, value)}`" if flags else f"`{key}={value}`"
+
+    return _PARAMETER.sub(spell, message)
+
+
+def _as_flag(flag: str, value: str) -> str:
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return f"{flag} {value}"
+    items = list(parsed) if isinstance(parsed, list | tuple) else [parsed]
+    if not items:
+        return f"no {flag}"
+    return " ".join(f"{flag} {shlex.quote(str(item))}" for item in items)

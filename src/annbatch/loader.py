@@ -180,6 +180,10 @@ class Loader(_Base):
                 self.add_adata(load_adata(group))
         else:
             key = "X" if layer is None else f"layers/{layer}"
+            first = next(iter(collection))
+            if layer is not None and key not in first:
+                layers = sorted(first["layers"].keys()) if "layers" in first else []
+                raise KeyError(f"`layer={layer!r}`: no such layer in the collection; its layers: {layers}.")
             backings = [
                 backing_from_zarr(group[key], name=f"{group.path}/{key}", complete=True)
                 for group in collection

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
@@ -78,6 +79,11 @@ def write_sharded(
     -------
     The group holding the AnnData.
     """
+    if not isinstance(group, zarr.Group):
+        raise TypeError(
+            "`group` must be a zarr v3 group, e.g. `zarr.open_group(path, mode='w')`, "
+            f"got {type(group).__name__}."
+        )
     if adata.isbacked:
         raise ValueError("`write_sharded` needs an in-memory AnnData: call `adata.to_memory()` first.")
     target = group.create_group(key, overwrite=True) if key is not None else group
@@ -107,8 +113,14 @@ def write_anndata(
     Row-aligned arrays may be dense, scipy CSR or :class:`~annbatch._csr.RawCSR`; ``other`` holds
     ``uns``/``obsp``/``varm``/``varp``/``raw``, written by anndata. See :func:`write_sharded`.
     """
+    if isinstance(n_obs_per_chunk, bool) or not isinstance(n_obs_per_chunk, numbers.Integral):
+        raise TypeError(f"`n_obs_per_chunk` must be an int (rows per chunk), got {n_obs_per_chunk!r}.")
     if n_obs_per_chunk < 1:
         raise ValueError(f"`n_obs_per_chunk` must be at least 1, got {n_obs_per_chunk}.")
+    n_obs_per_chunk = int(n_obs_per_chunk)
+    rows_for(shard_size, 1.0, name="shard_size")  # a bad size fails before anything is written
+    if isinstance(compressors, str) and compressors != "auto":
+        raise ValueError(f"`compressors` must be 'auto', None or zarr codec(s), got {compressors!r}.")
     # Small elements are written by anndata unsharded; row-aligned arrays get our own layout below.
     with zarrs_pipeline(), ad.settings.override(auto_shard_zarr_v3=False, allow_write_nullable_strings=True):
         target.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
@@ -124,7 +136,7 @@ def write_anndata(
         for path, value in rows.items():
             mapping, _, name = path.rpartition("/")
             if isinstance(value, np.ndarray | RawCSR) or sp.issparse(value):
-                write_row_array(groups[mapping], name, value, **settings)
+                write_row_array(groups[mapping], name, value, **settings, label=_label(path))
             else:  # DataFrames and other exotic obsm values: anndata knows best.
                 ad.io.write_elem(groups[mapping], name, value)
     with warnings.catch_warnings():
@@ -141,14 +153,19 @@ def write_row_array(
     n_obs_per_chunk: int,
     shard_size: str | int,
     compressors: CompressorsLike,
+    label: str | None = None,
 ) -> None:
-    """Write one obs-aligned array (dense ndarray or CSR) chunked and sharded along rows."""
+    """Write one obs-aligned array (dense ndarray or CSR) chunked and sharded along rows.
+
+    ``label`` is how messages name the array, e.g. ``adata.layers['counts']`` (default: ``name``).
+    """
     n_obs = value.shape[0]
     if sp.issparse(value) or isinstance(value, RawCSR):
         if value.format != "csr":
+            label = label or name
             raise ValueError(
-                f"`{name}` is a {value.format.upper()} matrix; only CSR can be read by rows quickly. "
-                f"Convert it first, e.g. `adata.X = adata.X.tocsr()`."
+                f"`{label}` is a {value.format.upper()} matrix; only CSR can be read by rows quickly. "
+                f"Convert it first, e.g. `{label} = {label}.tocsr()`."
             )
         _write_csr(group, name, value, n_obs_per_chunk=n_obs_per_chunk, shard_size=shard_size,
                    compressors=compressors)  # fmt: skip
@@ -205,6 +222,12 @@ def _write_csr(
     arr = sub.create_array("indptr", shape=indptr.shape, dtype=np.int64, chunks=(min(len(indptr), 2**20),),
                            compressors=None)  # fmt: skip
     arr[...] = indptr
+
+
+def _label(path: str) -> str:
+    """How a user spells the row-aligned element at ``path`` ("X", "layers/counts", "obsm/X_pca")."""
+    mapping, _, name = path.rpartition("/")
+    return f"adata.{mapping}[{name!r}]" if mapping else f"adata.{name}"
 
 
 def _write_by_shard(arr: zarr.Array, value: np.ndarray, shard_len: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from annbatch._convert import Target
+from annbatch._convert import Target, check_target
 from annbatch._obs import ObsTable
 from annbatch.abc import Sampler
 from annbatch.collection import Collection, CollectionError
@@ -37,7 +38,30 @@ def _open(collection: str | os.PathLike | Collection) -> Collection:
         except (FileNotFoundError, KeyError) as err:
             raise CollectionError(f"No collection at {collection!r} ({err}).") from None
         return Collection(group, mode="r")
+    if not isinstance(collection, str | os.PathLike):
+        raise TypeError(
+            f"`collection` must be a Collection, a path or a URL, got {type(collection).__name__}."
+        )
+    if not os.path.exists(collection):
+        path = os.fspath(collection)
+        raise CollectionError(
+            f"No collection at {path!r}: convert the data into one first (`annbatch convert INPUT.h5ad "
+            f"... -o {path}`, or `annbatch.Collection(path).add_adatas(...)`)."
+        )
     return Collection(collection, mode="r")
+
+
+def _check_count(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"`{name}` must be at least {minimum}, got {value}.")
+    return int(value)
+
+
+def _as_list(value: Any) -> list:
+    """A list of what was given: one column name or value on its own counts as a list of one."""
+    return [value] if isinstance(value, str) else list(value)
 
 
 class CollectionDataModule(L.LightningDataModule):
@@ -61,7 +85,7 @@ class CollectionDataModule(L.LightningDataModule):
         Rows per mini-batch, contiguous rows per read, chunks per load (see :class:`~annbatch.Loader`).
     obs_keys
         obs columns yielded with each batch under ``"obs"`` (categoricals as int64 codes, labels in
-        :attr:`categories`).
+        :attr:`categories`); one name on its own stands for a list of one.
     batch_key
         obs column yielded as codes under ``"batch"`` (e.g. donor, as a covariate).
     batch_sampler
@@ -75,8 +99,8 @@ class CollectionDataModule(L.LightningDataModule):
         with ``seed`` (random blocks rather than one range: a collection converted with ``groupby``
         is sorted within each dataset). ``0`` means no validation.
     split_key, val_values
-        Hold out every row whose ``split_key`` value is in ``val_values`` instead (e.g. donors);
-        ``val_fraction`` is then not used.
+        Hold out every row whose ``split_key`` value is in ``val_values`` instead (e.g. donors; one
+        string on its own stands for a list of one); ``val_fraction`` is then not used.
     seed
         Seed of the split and of the training order (each epoch derives a new order from it).
     return_index
@@ -112,34 +136,65 @@ class CollectionDataModule(L.LightningDataModule):
         prefetch: int = 2,
     ) -> None:
         super().__init__()
+        sizes = {"batch_size": batch_size, "chunk_size": chunk_size, "preload_nchunks": preload_nchunks}
+        sizes = {name: _check_count(name, value) for name, value in sizes.items()}
+        if val_batch_size is not None:
+            val_batch_size = _check_count("val_batch_size", val_batch_size)
+        prefetch = _check_count("prefetch", prefetch, minimum=0)
+        seed = _check_count("seed", seed, minimum=0)
+        to = check_target(to)
+        if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real):
+            raise TypeError(f"`val_fraction` must be a number in [0, 1), got {val_fraction!r}.")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
         if (split_key is None) != (val_values is None):
-            raise ValueError("Give `split_key` and `val_values` together (e.g. split_key='donor', val_values=['D1']).")
+            raise ValueError(
+                "Give `split_key` and `val_values` together (e.g. `split_key='donor'`, `val_values=['D1']`)."
+            )
         if isinstance(batch_sampler, str) and batch_sampler not in ("homogeneous", "balanced"):
             raise ValueError(
                 f"`batch_sampler` must be None, 'homogeneous', 'balanced' or a Sampler, got {batch_sampler!r}."
             )
         if isinstance(batch_sampler, str) and batch_key is None:
             raise ValueError(f"`batch_sampler={batch_sampler!r}` samples by an obs column: give `batch_key`.")
+        if batch_sampler is not None and not isinstance(batch_sampler, str | Sampler):
+            raise TypeError(
+                "`batch_sampler` must be None, 'homogeneous', 'balanced' or an annbatch.abc.Sampler, "
+                f"got {type(batch_sampler).__name__}."
+            )
+        per_load = sizes["chunk_size"] * sizes["preload_nchunks"]
+        if not isinstance(batch_sampler, Sampler) and sizes["batch_size"] > per_load:
+            raise ValueError(
+                f"`batch_size={batch_size}` is more than the rows of one load, `chunk_size` × "
+                f"`preload_nchunks` = {chunk_size} × {preload_nchunks} = {per_load}: raise "
+                "`preload_nchunks` or `chunk_size`, or lower `batch_size`."
+            )
         self.collection = _open(collection)
         if self.collection.is_empty:
             raise CollectionError(f"The collection {collection!s} is empty: add data with `add_adatas` first.")
-        self.obs_keys = list(obs_keys) if obs_keys is not None else []
+        self.obs_keys = _as_list(obs_keys) if obs_keys is not None else []
         self.batch_key = batch_key
-        self._sizes = {"batch_size": batch_size, "chunk_size": chunk_size, "preload_nchunks": preload_nchunks}
+        self._sizes = sizes
         self._batch_sampler = batch_sampler
         self._seed = int(seed)
         self._loader_kw = {"obs_keys": self.obs_keys or None, "batch_key": batch_key,
                            "return_index": return_index, "to": to, "layer": layer, "prefetch": prefetch}  # fmt: skip
-        self._val_batch_size = val_batch_size or batch_size
+        self._val_batch_size = val_batch_size if val_batch_size is not None else batch_size
         self._n_obs = self.collection.n_obs
+        self._check_columns({"obs_keys": self.obs_keys, "batch_key": [batch_key] if batch_key else [],
+                             "split_key": [split_key] if split_key else []})  # fmt: skip
+        self._check_layer(layer)
         key_columns = list(dict.fromkeys([*self.obs_keys, *([batch_key] if batch_key else [])]))
         columns = list(dict.fromkeys([*key_columns, *([split_key] if split_key else [])]))
         obs = self.collection.obs(columns=columns) if columns else None
         self._keys = ObsTable(obs, key_columns) if key_columns else None
+        if isinstance(batch_sampler, str) and batch_key not in self._keys.categories:
+            raise ValueError(
+                f"`batch_key={batch_key!r}` must be a categorical obs column to sample by it "
+                f"(`batch_sampler={batch_sampler!r}`); it is {obs[batch_key].dtype}."
+            )
         if split_key is not None:
-            self.val_rows = self._rows_with(obs[split_key], split_key, val_values)
+            self.val_rows = self._rows_with(obs[split_key], split_key, _as_list(val_values))
         else:
             self.val_rows = self._random_chunks(val_fraction)
         train = np.ones(self._n_obs, dtype=bool)
@@ -167,6 +222,29 @@ class CollectionDataModule(L.LightningDataModule):
     def categories(self) -> dict[str, pd.Index]:
         """Labels of the codes of each categorical ``obs_keys`` column and of ``batch_key``."""
         return dict(self._keys.categories) if self._keys is not None else {}
+
+    def _check_columns(self, wanted: dict[str, list[str]]) -> None:
+        """Name the setting that asks for an obs column the collection lacks."""
+        available = self._obs_columns()
+        for name, columns in wanted.items():
+            missing = [c for c in columns if c not in available]
+            if missing:
+                shown = missing if name == "obs_keys" else missing[0]
+                raise KeyError(
+                    f"`{name}={shown!r}`: no such obs column in the collection; available: {available}."
+                )
+
+    def _obs_columns(self) -> list[str]:
+        first = next(iter(self.collection))
+        return [str(c) for c in first["obs"].attrs["column-order"]]
+
+    def _check_layer(self, layer: str | None) -> None:
+        if layer is None:
+            return
+        first = next(iter(self.collection))
+        layers = sorted(first["layers"].keys()) if "layers" in first else []
+        if layer not in layers:
+            raise KeyError(f"`layer={layer!r}`: no such layer in the collection; its layers: {layers}.")
 
     # -- the split --------------------------------------------------------------------------------------------
     def _rows_with(self, column: pd.Series, name: str, values: Sequence[Any]) -> np.ndarray:

@@ -114,7 +114,7 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
     shard_bytes = (
         parse_bytes(write_kwargs["shard_size"], name="shard_size")
         if isinstance(write_kwargs["shard_size"], str)
-        else write_kwargs["shard_size"] * largest_per_row
+        else rows_for(write_kwargs["shard_size"], largest_per_row, name="shard_size") * largest_per_row
     )
     rows_per_dataset = min(
         rows_for(dataset_size, bytes_per_row, name="dataset_size"),
@@ -189,9 +189,9 @@ def _collection_groupby(
     recorded = [str(c) for c in recorded]
     if given is not None and given != recorded:
         raise InputError(
-            f"The collection {collection._label!r} was converted with groupby={recorded}; appending with "
-            f"groupby={given} would sort its datasets in two ways. Leave groupby out (the collection's own "
-            "is used) or convert into a new collection."
+            f"The collection {collection._label!r} was converted with `groupby={recorded}`; appending with "
+            f"`groupby={given}` would sort its datasets in two ways. Leave `groupby` out (the collection's "
+            "own is used) or convert into a new collection."
         )
     return recorded
 

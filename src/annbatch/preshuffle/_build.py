@@ -56,11 +56,34 @@ def build_dataset(task: DatasetTask, spec: SourceSpec, target: zarr.Group, *, pr
     inverse[order] = np.arange(len(order))
     obs = obs.iloc[order]
     arrays: dict[str, np.ndarray | RawCSR] = {}
-    with tqdm(total=task.n_obs * len(spec.elements), desc="reading rows", unit="row", leave=False,
-              disable=not progress) as bar:  # fmt: skip
-        for key, elem in spec.elements.items():
-            arrays[key] = _gather_element(key, elem, task.blocks, spec, order, inverse, bar)
+    with tqdm(total=task.n_obs, desc="reading rows", unit="row", leave=False, disable=not progress) as bar:
+        rows = _RowProgress(bar, len(spec.elements))
+        for i, (key, elem) in enumerate(spec.elements.items()):
+            bar.set_postfix_str(f"{key} ({i + 1}/{len(spec.elements)})", refresh=False)
+            arrays[key] = _gather_element(key, elem, task.blocks, spec, order, inverse, rows)
     write_anndata(target, obs=obs, var=spec.var_space.var, rows=arrays, **task.write_kwargs)
+
+
+class _RowProgress:
+    """Counts the dataset's rows on a bar whose total is the dataset's rows, over all its elements.
+
+    Every element (X, each layer, each obsm entry) counts for an equal share of each row, so the bar
+    advances as the elements are read one after the other, and stands at exactly the dataset's rows once
+    the last element is read, whatever the number of elements. Row-elements are counted exactly and the
+    bar shows their whole-row equivalent, so it never overshoots or stops short.
+    """
+
+    def __init__(self, bar: tqdm, n_elements: int):
+        self._bar, self._n_elements = bar, max(n_elements, 1)
+        self._row_elements = self._shown = 0
+
+    def update(self, n_rows: int) -> None:
+        """``n_rows`` rows of the element being read were placed."""
+        self._row_elements += n_rows
+        rows = self._row_elements // self._n_elements
+        if rows > self._shown:
+            self._bar.update(rows - self._shown)
+            self._shown = rows
 
 
 def _gather_obs(blocks: Sequence[Block], spec: SourceSpec) -> pd.DataFrame:
@@ -98,7 +121,7 @@ def _row_order(obs: pd.DataFrame, task: DatasetTask) -> np.ndarray:
 
 
 def _gather_element(
-    key, elem: ElementSpec, blocks, spec: SourceSpec, order, inverse, bar
+    key, elem: ElementSpec, blocks, spec: SourceSpec, order, inverse, bar: _RowProgress
 ) -> np.ndarray | RawCSR:
     """Read every block of one element and place its rows at their permuted positions.
 

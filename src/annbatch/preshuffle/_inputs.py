@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -96,13 +97,22 @@ def open_input(item: InputLike, *, load_adata: LoadAdata | None = None, index: i
     """Open one input for conversion without loading its arrays."""
     if isinstance(item, ad.AnnData):
         return _from_anndata(item, name=f"<AnnData #{index}>")
+    if not isinstance(item, str | os.PathLike):
+        raise InputError(
+            f"`inputs` must be paths to .h5ad files or .zarr stores, or AnnData objects; got "
+            f"{type(item).__name__} {item!r}."
+        )
     path = Path(item)
     if not path.exists():
         raise InputError(f"Input {str(path)!r} does not exist. Check the path.")
     if load_adata is not None:
         return _from_anndata(load_adata(str(path)), name=str(path))
     if path.is_file() and h5py.is_hdf5(path):
-        handle = h5py.File(path, "r")
+        try:
+            handle = h5py.File(path, "r")
+        except OSError as err:  # truncated or damaged: h5py's message says which
+            raise InputError(f"Input {str(path)!r} cannot be read as HDF5 ({err}); it may be damaged or "
+                             "incompletely copied. Write it again.") from None  # fmt: skip
         try:
             return _from_store(handle, name=str(path), handle=handle)
         except BaseException:

@@ -5,6 +5,7 @@ Everything here is decided before any output is written, so bad input fails with
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ def check_inputs(inputs: Sequence[InputAnnData], groupby: Sequence[str]) -> None
         missing = [c for c in groupby if c not in inp.obs.columns]
         if missing:
             raise InputError(
-                f"groupby column(s) {missing} are missing from obs of input {inp.name!r}. "
+                f"`groupby` column(s) {missing} are missing from obs of input {inp.name!r}. "
                 "Add them to every input or choose other columns."
             )
     for col in groupby:
@@ -85,14 +86,15 @@ def _check_groupby_column(inputs: Sequence[InputAnnData], col: str) -> None:
     kinds = {inp.name: _column_kind(inp.obs[col]) for inp in inputs}
     if len(set(kinds.values())) > 1:
         raise InputError(
-            f"groupby column {col!r} has conflicting types across inputs ({kinds}). "
+            f"`groupby` column {col!r} has conflicting types across inputs ({kinds}). "
             "Give it the same type everywhere, e.g. `adata.obs[col] = adata.obs[col].astype('category')`."
         )
     ordered = [inp.obs[col].cat for inp in inputs if isinstance(inp.obs[col].dtype, pd.CategoricalDtype)]
     ordered = [(c.categories.tolist(), c.ordered) for c in ordered if c.ordered]
     if ordered and any(o != ordered[0] for o in ordered):
         raise InputError(
-            f"groupby column {col!r} is an ordered categorical with conflicting category orders across inputs. "
+            f"`groupby` column {col!r} is an ordered categorical with conflicting category orders across "
+            "inputs. "
             "Use the same categories (`.cat.set_categories`) in every input."
         )
 
@@ -128,6 +130,12 @@ def plan_var_space(
                 stacklevel=3,
             )
     elif var_subset is not None:
+        if isinstance(var_subset, str):
+            raise TypeError(f"`var_subset` must be a list of var names, got the string {var_subset!r}.")
+        if len(var_subset) == 0:
+            raise InputError(
+                "`var_subset` is empty: give the var names to keep, or leave it out to keep all."
+            )
         names = pd.Index(var_subset)
         union = _union(inp.var.index for inp in inputs)
         absent = names[~names.isin(union)]
@@ -140,7 +148,7 @@ def plan_var_space(
         for inp in inputs[1:]:
             names = names[names.isin(inp.var.index)]
         if len(names) == 0:
-            raise InputError("`join='inner'`: the inputs share no var names. Use join='outer'.")
+            raise InputError("`join='inner'`: the inputs share no var names. Use `join='outer'`.")
     var = existing_var if existing_var is not None else _merge_var(inputs, pd.Index(names), merge)
     maps = []
     for inp in inputs:
@@ -274,8 +282,11 @@ def assign_blocks(
     ``dataset_targets`` is how many new rows each dataset should receive. With an ``rng`` the blocks are
     dealt in random order (each dataset draws from every source); without, in input order.
     """
+    if isinstance(shuffle_chunk_size, bool) or not isinstance(shuffle_chunk_size, numbers.Integral):
+        raise TypeError(f"`shuffle_chunk_size` must be an int (rows per block), got {shuffle_chunk_size!r}.")
     if shuffle_chunk_size < 1:
         raise ValueError(f"`shuffle_chunk_size` must be at least 1, got {shuffle_chunk_size}.")
+    shuffle_chunk_size = int(shuffle_chunk_size)
     blocks = [
         Block(i, start, min(start + shuffle_chunk_size, n))
         for i, n in enumerate(n_obs_per_source)

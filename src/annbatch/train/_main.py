@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     Exit status: 0 on success, 1 when Hydra rejects the overrides or the run fails, 2 for a bad collection
-    path or obs key (reported as one line on stderr).
+    path or a bad ``data.*``/``model.*`` setting (reported as one line on stderr, naming the config key).
     """
     import hydra
 

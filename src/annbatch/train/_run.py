@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -46,6 +47,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    settings = _settings("data", data) | {"collection": "data.path"}
     path = data.pop("path", None)
     demo = data.pop("demo", None) or {}
     if path is None:
@@ -56,23 +58,56 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     try:
         return instantiate(data, _convert_="all")
     except InstantiationException as err:
-        problem = _user_error(err.__cause__, path)
+        problem = _user_error(err.__cause__, path, settings)
         if problem is None:
             raise
         raise problem from err.__cause__
 
 
-def _user_error(err: BaseException | None, path: Any) -> TrainError | None:
-    """The one-line error for a bad collection path, obs key or data setting; None for anything else."""
+def _settings(section: str, node: Mapping[str, Any]) -> dict[str, str]:
+    """The keys of a config node (the parameters its ``_target_`` gets) → their dotted config keys."""
+    return {str(key): f"{section}.{key}" for key in node if not str(key).startswith("_")}
+
+
+def _user_error(err: BaseException | None, path: Any, settings: Mapping[str, str]) -> TrainError | None:
+    """The one-line error for a bad collection path, obs key or data setting; None for anything else.
+
+    ``settings`` maps the data module's parameters to their config keys: a message naming a parameter
+    (`batch_size`) names the key the user sets (`data.batch_size`).
+    """
     from annbatch import CollectionError
 
     if isinstance(err, CollectionError | FileNotFoundError):
         where = "the demo collection" if path is None else f"data.path={path}"
-        return TrainError(f"{where}: {err}")
-    if isinstance(err, KeyError | ValueError):
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        return TrainError(f"data: {message}")
-    return None
+        return TrainError(f"{where}: {_message(err, settings)}")
+    return _setting_error(err, "data", settings)
+
+
+def _setting_error(err: BaseException | None, section: str, settings: Mapping[str, str]) -> TrainError | None:
+    """A one-line error for a bad setting of the config node ``section``; None if ``err`` is not about one.
+
+    A ValueError or KeyError raised while building the node's object is about its settings; a TypeError
+    only when it names one of them (or is an unknown keyword, a key the object does not take).
+    """
+    if not isinstance(err, KeyError | ValueError | TypeError):
+        return None
+    message = _message(err, settings)
+    if message != _message(err, {}):  # names a setting, now as its config key
+        return TrainError(message)
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", message)
+    if isinstance(err, TypeError) and unknown:
+        known = ", ".join(sorted({key for name, key in settings.items() if name != unknown[1]}))
+        return TrainError(
+            f"`{section}.{unknown[1]}` is not a setting of {section}; its settings are {known}."
+        )
+    return TrainError(f"{section}: {message}") if not isinstance(err, TypeError) else None
+
+
+def _message(err: BaseException, settings: Mapping[str, str]) -> str:
+    from annbatch.errors import rename_parameters
+
+    text = err.args[0] if isinstance(err, KeyError) and len(err.args) == 1 else str(err)  # no repr quotes
+    return rename_parameters(str(text), settings, flags=False)
 
 
 def _instantiate_group(node: Any) -> list[Any]:
@@ -106,17 +141,32 @@ def run(cfg: DictConfig) -> dict[str, float]:
     The trainer's final scalar metrics, by name (``val/acc``, ``val/loss``, ``train/cells_per_s``, …).
     """
     import lightning
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     _log_through_hydra(lightning)
     start = time.perf_counter()
     lightning.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    model = instantiate(cfg.model)
+    model_settings = _settings("model", cfg.model)
+    try:
+        model = instantiate(cfg.model)
+    except InstantiationException as err:
+        problem = _setting_error(err.__cause__, "model", model_settings)
+        if problem is None:
+            raise
+        raise problem from err.__cause__
     callbacks = _instantiate_group(cfg.get("callbacks"))
     loggers = _instantiate_group(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except (KeyError, ValueError) as err:
+        # Checks that need the data (a label_key among the obs_keys) run when the model is set up.
+        settings = model_settings | _settings("data", cfg.data)
+        if _message(err, settings) == _message(err, {}):
+            raise
+        raise TrainError(_message(err, settings)) from err
     if not any(key.startswith("val/") for key in trainer.callback_metrics):
         trainer.validate(model, datamodule=datamodule, verbose=False)
     metrics = {
