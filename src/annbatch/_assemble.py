@@ -101,7 +101,9 @@ class Assembler:
             self._copy_duplicates(layout, x)
         pending.collected = True
         if pending.next is not None:
-            pending.next.carry_future = self._fetcher.submit([pending.next.carry_in])
+            carry_in = pending.next.carry_in
+            assert carry_in is not None  # only a load with a carry waits for this one
+            pending.next.carry_future = self._fetcher.submit([carry_in])
             pending.next = None
         bounds = layout.bounds
         return [
@@ -124,8 +126,10 @@ class Assembler:
 
     def _plan_csr(self, ranges, layout: LoadLayout, carried: Batch | None, n_c: int):
         nnz = self._fetcher.row_nnz(ranges)
-        if carried is not None:
-            nnz = np.concatenate([np.diff(carried.X.indptr).astype(np.int64), nnz])
+        c = None if carried is None else carried.X
+        if c is not None:
+            assert isinstance(c, RawCSR)  # a CSR load carries CSR rows
+            nnz = np.concatenate([np.diff(c.indptr).astype(np.int64), nnz])
         out_nnz = nnz[layout.order]
         indptr = np.zeros(layout.n_out + 1, dtype=np.int64)
         np.cumsum(out_nnz, out=indptr[1:])
@@ -133,8 +137,7 @@ class Assembler:
         indices = self._buffers.empty(int(indptr[-1]), self._index_dtype)
         dest = np.where(layout.out_pos >= 0, indptr[np.maximum(layout.out_pos, 0)], -1)
         carry_in = None
-        if carried is not None:
-            c = carried.X
+        if c is not None:
             carry_in = (scatter_rows, c.indptr.astype(np.int64), c.indices, c.data, dest[:n_c], indices, data)
         x = RawCSR(data, indices, indptr, (layout.n_out, self._n_vars))
         return x, self._fetcher.csr_tasks(ranges, dest[n_c:], data, indices), carry_in

@@ -22,7 +22,7 @@ import zarr
 from zarr.core.sync import sync
 
 from annbatch._shards import ShardedReader, sharded_reader
-from annbatch._zarr import zarrs_pipeline
+from annbatch._zarr import child_array, list_attr, zarrs_pipeline
 from annbatch.errors import BackingError
 
 
@@ -64,9 +64,10 @@ def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str, complete: boo
                 f"{name} is stored as {encoding!r}; the loader reads CSR or dense arrays. "
                 "Convert it with `annbatch.Collection(...).add_adatas` (which writes CSR)."
             )
-        shape = tuple(int(x) for x in elem.attrs["shape"])
-        data, indices = _fastest(elem["data"], complete), _fastest(elem["indices"], complete)
-        indptr = np.asarray(elem["indptr"][...], dtype=np.int64)
+        shape = tuple(int(x) for x in list_attr(elem, "shape"))
+        data = _fastest(child_array(elem, "data"), complete)
+        indices = _fastest(child_array(elem, "indices"), complete)
+        indptr = np.asarray(child_array(elem, "indptr")[...], dtype=np.int64)
         return Backing("csr", shape, np.dtype(data.dtype), data=data, indices=indices, indptr=indptr)
 
 

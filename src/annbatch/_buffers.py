@@ -42,7 +42,7 @@ class BufferPool:
         # batches cut from the load would not keep a plain view of it alive. An array made with
         # ``frombuffer`` does not own its memory, so every view of it keeps *it* alive, and its
         # finalizer runs only once the last batch view (or tensor) is gone.
-        owner = np.frombuffer(memoryview(block), dtype=np.uint8, count=nbytes)
+        owner = np.frombuffer(block.data, dtype=np.uint8, count=nbytes)
         weakref.finalize(owner, self._give, block)
         return owner.view(dtype).reshape(shape)
 

@@ -25,7 +25,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from annbatch._zarr import quiet_listing, zarrs_pipeline
+from annbatch._zarr import child_array, child_group, list_attr, quiet_listing, zarrs_pipeline
 from annbatch.errors import CollectionChangedError, CollectionError
 
 ENCODING = {"encoding-type": "annbatch-preshuffled", "encoding-version": "0.1.0"}
@@ -94,7 +94,7 @@ class Datasets:
         shapes = []
         for g in self:
             x = g["X"]
-            n_obs, n_vars = _attr(x, "shape") if isinstance(x, zarr.Group) else x.shape[:2]
+            n_obs, n_vars = list_attr(x, "shape") if isinstance(x, zarr.Group) else x.shape[:2]
             shapes.append((int(n_obs), int(n_vars)))
         return shapes
 
@@ -126,8 +126,8 @@ class Datasets:
         self._require_datasets()
         frames = []
         for g in self:
-            obs_group = _subgroup(g, "obs")
-            available = [str(c) for c in _attr(obs_group, "column-order")]
+            obs_group = child_group(g, "obs")
+            available = [str(c) for c in list_attr(obs_group, "column-order")]
             wanted = available if columns is None else list(columns)
             missing = [c for c in wanted if c not in available]
             if missing:
@@ -162,14 +162,16 @@ class Datasets:
         shapes = self._dataset_shapes()
         first = next(iter(self))
         x = first["X"]
-        kind, dtype = ("csr", _array(x, "data").dtype) if isinstance(x, zarr.Group) else ("dense", x.dtype)
+        kind, dtype = (
+            ("csr", child_array(x, "data").dtype) if isinstance(x, zarr.Group) else ("dense", x.dtype)
+        )
         size = self._size_on_disk()
         size_txt = f", {_human_bytes(size)} on disk" if size is not None else ""
         return (
             f"Collection({self._label!r}): {len(shapes)} datasets, "
             f"{sum(s[0] for s in shapes):,} obs × {shapes[0][1]:,} vars, X: {kind} {dtype}{size_txt}\n"
             f"    rows per dataset: {', '.join(f'{s[0]:,}' for s in shapes[:8])}{' …' if len(shapes) > 8 else ''}\n"
-            f"    obs: {', '.join(map(str, _attr(first['obs'], 'column-order')))}"
+            f"    obs: {', '.join(map(str, list_attr(first['obs'], 'column-order')))}"
         )
 
 
@@ -246,25 +248,6 @@ def record_rewrite(group: zarr.Group, names: Iterable[str]) -> None:
         versions[name] = versions.get(name, 0) + 1
     fresh = zarr.open_group(group.store, path=group.path, mode="r+")
     fresh.attrs[VERSIONS_ATTR] = versions
-
-
-def _attr(node: zarr.Group | zarr.Array, name: str) -> list:
-    """A list-valued attribute of an AnnData element (``shape``, ``column-order``)."""
-    value = node.attrs[name]
-    assert isinstance(value, list | tuple), f"{node.path}: attribute {name!r} is not a list"
-    return list(value)
-
-
-def _subgroup(group: zarr.Group, name: str) -> zarr.Group:
-    node = group[name]
-    assert isinstance(node, zarr.Group), f"{group.path}/{name} is not a group"
-    return node
-
-
-def _array(group: zarr.Group, name: str) -> zarr.Array:
-    node = group[name]
-    assert isinstance(node, zarr.Array), f"{group.path}/{name} is not an array"
-    return node
 
 
 def _human_bytes(n: float) -> str:

@@ -164,21 +164,21 @@ class Fetcher:
         Data that is not in our sharded layout is read and placed right away.
         """
         table = self._table(ranges)
-        tasks, raw, spans, fallback = [], [], [], []
+        tasks, raw, span_parts, fallback = [], [], [], []
         for d in np.unique(table[:, 0]).tolist():
             part, source = table[table[:, 0] == d], self._backings[d].array
             if isinstance(source, ShardedReader) and not source.compressed and source.dtype == out.dtype:
                 raw.append(source.plan_raw_reads(self._raw_index(source), part[:, 1:], dest, out))
             elif isinstance(source, ShardedReader):
-                spans.append(part)
+                span_parts.append(part)
             else:
                 fallback += [(source, lo, hi, dest[pos : pos + hi - lo]) for _, lo, hi, pos in part.tolist()]
-        if spans:  # every row is a span of ``items`` elements
+        if span_parts:  # every row is a span of ``items`` elements
             items = int(np.prod(out.shape[1:], dtype=np.int64))
             lo_e = _concat_aranges(table[:, 1], table[:, 2] - table[:, 1]) * items
             dest_e = np.where(dest >= 0, dest * items, -1)
-            spans = np.concatenate(spans)
-            spans = np.stack([spans[:, 0], spans[:, 3], spans[:, 3] + spans[:, 2] - spans[:, 1]], axis=1)
+            parts = np.concatenate(span_parts)
+            spans = np.stack([parts[:, 0], parts[:, 3], parts[:, 3] + parts[:, 2] - parts[:, 1]], axis=1)
             tasks += self._span_tasks("array", spans, lo_e, lo_e + items, dest_e, out.reshape(-1))
         if raw:
             tasks += [(part.run,) for part in RawReads.concat(raw).split(self._n_workers)]

@@ -269,6 +269,7 @@ class _ObjectLock(_Backend):
         import obstore
 
         while not self._stop.wait(self._stale_after / 5):
+            assert self._mine is not None  # set before the heartbeat starts, cleared after it stops
             self._mine["heartbeat"] = time.time()
             try:
                 result = obstore.put(
@@ -294,6 +295,7 @@ class _ObjectLock(_Backend):
             current = obstore.get(self._store, self._key)
         except Exception:  # noqa: BLE001
             return True  # cannot tell (network): keep trying
+        assert self._mine is not None  # asked only while the lock is held
         ours = _parse(bytes(current.bytes())).get("token") == self._mine["token"]
         if ours:
             self._e_tag = current.meta["e_tag"]

@@ -32,7 +32,10 @@ import zarr
 from numba.core import types
 from numcodecs import blosc
 from numcodecs.checksum32 import CRC32C
+from numpy.typing import DTypeLike
 from zarr.storage import LocalStore
+
+from annbatch._zarr import metadata_dict
 
 _MISSING = np.uint64(2**64 - 1)
 _CRC32C = CRC32C()
@@ -91,8 +94,8 @@ class ShardedReader:
         try:
             indexes = [self._open_shard(s, fds) for s in range(-(-n_chunks // self._per_shard))]
         except BaseException:
-            for fd in fds:
-                os.close(fd)
+            for opened in fds:
+                os.close(opened)
             raise
         index = np.concatenate(indexes)[:n_chunks]  # a shard zarr did not write holds only the fill value
         missing = index[:, 0] == _MISSING
@@ -313,7 +316,9 @@ class SpanReader:
         if status[0]:
             code, k = int(status[0] & 0xFF), int(status[0] >> 8)
             what = {1: "short read", 2: "invalid blosc header", 3: "blosc cannot decode it"}[code]
-            path = self._readers[int(spans[status[1], 0])].chunk_path(k)
+            reader = self._readers[int(spans[status[1], 0])]
+            assert reader is not None  # only arrays with a reader have chunks to read
+            path = reader.chunk_path(k)
             raise OSError(
                 f"Chunk {k} in shard {path} is corrupt ({what}); rebuild the collection from its inputs."
             )
@@ -414,7 +419,7 @@ def _sink(nbytes: int) -> np.ndarray:
     return _sinks[nbytes]
 
 
-def _scratch(n: int, dtype: np.dtype, role: str) -> np.ndarray:
+def _scratch(n: int, dtype: DTypeLike, role: str) -> np.ndarray:
     """A per-thread buffer of at least ``n`` items, reused across loads (fresh pages are slow to fault in)."""
     cache = getattr(_local, "buffers", None)
     if cache is None:
@@ -435,7 +440,7 @@ def sharded_reader(arr: zarr.Array, *, complete: bool = False) -> ShardedReader 
         return None
     if not isinstance(arr.store, LocalStore) or arr.metadata.zarr_format != 3:
         return None
-    meta = arr.metadata.to_dict()
+    meta = metadata_dict(arr)
     codecs = meta["codecs"]
     if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
         return None

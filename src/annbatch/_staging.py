@@ -35,8 +35,8 @@ class Staging:
         self._group = group
         self._store = group.store
         self._prefix = f"{group.path}/" if group.path else ""
-        local = isinstance(self._store, LocalStore)
-        self._root = Path(self._store.root) / group.path if local else None
+        store = self._store
+        self._root = Path(store.root) / group.path if isinstance(store, LocalStore) else None
 
     def new_group(self, name: str) -> zarr.Group:
         """A fresh, empty group ``.staging/<name>`` to write a dataset into."""
@@ -127,6 +127,7 @@ class Staging:
         keys.sort(key=lambda k: k == f"{src}/zarr.json")
         for key in keys:
             buf = await self._store.get(key, prototype=_prototype())
+            assert buf is not None, f"{key} vanished while being copied"  # the writer holds the lock
             await self._store.set(dst + key[len(src) :], buf)
 
     def _remove(self, key: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import zarr
 
@@ -29,3 +30,33 @@ def quiet_listing() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Object at .* is not recognized")
         yield
+
+
+# zarr types a node's children as ``Array | Group`` and its attributes and metadata as JSON values;
+# these narrow them where the AnnData layout fixes what they are.
+
+
+def child_group(group: zarr.Group, name: str) -> zarr.Group:
+    """The child ``name`` of ``group``, which the layout makes a group."""
+    node = group[name]
+    assert isinstance(node, zarr.Group), f"{group.path}/{name} is not a group"
+    return node
+
+
+def child_array(group: zarr.Group, name: str) -> zarr.Array:
+    """The child ``name`` of ``group``, which the layout makes an array."""
+    node = group[name]
+    assert isinstance(node, zarr.Array), f"{group.path}/{name} is not an array"
+    return node
+
+
+def list_attr(node: zarr.Group | zarr.Array, name: str) -> list[Any]:
+    """A list-valued attribute of an AnnData element (``shape``, ``column-order``)."""
+    value = node.attrs[name]
+    assert isinstance(value, list | tuple), f"{node.path}: attribute {name!r} is not a list"
+    return list(value)
+
+
+def metadata_dict(arr: zarr.Array) -> dict[str, Any]:
+    """The array's metadata as its JSON document (``zarr.json``), a plain dict."""
+    return dict(arr.metadata.to_dict())

@@ -10,7 +10,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +59,16 @@ def _count(minimum: int):
     return parse
 
 
-def _parser() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """The ``annbatch`` parser; ``commands`` holds its subcommands' parsers, by name."""
+
+    commands: Mapping[str, argparse.ArgumentParser]
+
+
+def _parser() -> _Parser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="annbatch", description="Preshuffled single-cell collections.")
+    parser = _Parser(prog="annbatch", description="Preshuffled single-cell collections.")
     parser.add_argument("--version", action="version", version=f"annbatch {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     parser.commands = sub.choices  # the subcommands' parsers, by name
@@ -162,7 +168,11 @@ def _convert(args: argparse.Namespace) -> int:
         else:
             # Opening for writing finishes a commit that had reached its journal, or drops what was staged.
             after = Collection(output, mode="a").n_obs
-            state = f"unchanged, {after:,} rows" if after == before else f"appended before the interrupt, {after:,} rows"
+            state = (
+                f"unchanged, {after:,} rows"
+                if after == before
+                else f"appended before the interrupt, {after:,} rows"
+            )
         print(f"annbatch convert: interrupted; {args.output} {state}", file=sys.stderr)
         return 130
     print(coll)
@@ -247,10 +257,13 @@ def _demo(args: argparse.Namespace) -> None:
         first = batch if first is None else first
         n += batch["X"].shape[0]
     rate = n / (time.perf_counter() - start)
+    assert first is not None  # the demo writes at least one row, and the loader keeps a last partial batch
+    obs = first["obs"]
+    assert obs is not None  # asked for with `obs_columns`
     print(f"\nOne shuffled epoch: {len(loader)} batches, {n:,} cells, {rate:,.0f} cells/s")
     print(
         f"First batch: X {type(first['X']).__name__} {first['X'].shape}, "
-        f"cell types {first['obs']['cell_type'].value_counts().head(3).to_dict()}"
+        f"cell types {obs['cell_type'].value_counts().head(3).to_dict()}"
     )
 
 

@@ -26,6 +26,7 @@ from annbatch._convert import Target, check_target, convert
 from annbatch._obs import BatchObs
 from annbatch._prefetch import Prefetcher
 from annbatch._resume import Progress
+from annbatch._zarr import child_group
 from annbatch.abc import Sampler
 from annbatch.samplers import RandomSampler
 from annbatch.samplers._keyed import KeySamplerSpec
@@ -182,7 +183,7 @@ class Loader(_Base):
             key = "X" if layer is None else f"layers/{layer}"
             first = next(iter(collection))
             if layer is not None and key not in first:
-                layers = sorted(first["layers"].keys()) if "layers" in first else []
+                layers = sorted(child_group(first, "layers").keys()) if "layers" in first else []
                 raise KeyError(f"`layer={layer!r}`: no such layer in the collection; its layers: {layers}.")
             backings = [
                 backing_from_zarr(group[key], name=f"{group.path}/{key}", complete=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import anndata as ad
 import numpy as np
@@ -19,6 +19,9 @@ from ._csr import RawCSR
 from ._sizes import rows_for
 from ._zarr import zarrs_pipeline
 
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
+
 __all__ = ["write_sharded", "CompressorsLike"]
 
 CompressorsLike = Literal["auto"] | None | Any | Sequence[Any]
@@ -30,7 +33,7 @@ CompressorsLike = Literal["auto"] | None | Any | Sequence[Any]
 _MIN_COMPRESSION_RATIO = 1.3
 _SAMPLE_BYTES = 4 * 2**20
 # Write every chunk, even all-zero ones: a missing chunk in our stores then means damage, not zeros.
-_COMPLETE = {"write_empty_chunks": True}
+_COMPLETE: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def _named_layers(adata: ad.AnnData) -> dict[str, Any]:
@@ -161,6 +164,7 @@ def write_row_array(
     """
     n_obs = value.shape[0]
     if sp.issparse(value) or isinstance(value, RawCSR):
+        assert not isinstance(value, np.ndarray)  # scipy sparse or RawCSR
         if value.format != "csr":
             label = label or name
             raise ValueError(
@@ -267,7 +271,9 @@ def _choose_codec(value: np.ndarray) -> BloscCodec | None:
         for shuffle, code in (("shuffle", Blosc.SHUFFLE), ("bitshuffle", Blosc.BITSHUFFLE))
     }
     # Bit shuffling decodes slower: take it only when it clearly compresses better.
-    best = "bitshuffle" if ratios["bitshuffle"] > 1.15 * ratios["shuffle"] else "shuffle"
+    best: Literal["shuffle", "bitshuffle"] = (
+        "bitshuffle" if ratios["bitshuffle"] > 1.15 * ratios["shuffle"] else "shuffle"
+    )
     if ratios[best] < _MIN_COMPRESSION_RATIO:
         return None
     return BloscCodec(cname="lz4", clevel=5, shuffle=best, typesize=value.dtype.itemsize)

@@ -14,6 +14,7 @@ import zarr
 
 from annbatch._convert import Target, check_target
 from annbatch._obs import ObsTable
+from annbatch._zarr import child_group, list_attr
 from annbatch.abc import Sampler
 from annbatch.collection import Collection, CollectionError
 from annbatch.samplers import ClassSampler, DistributedSampler, SubsetSampler, WeightedSampler
@@ -169,39 +170,44 @@ class CollectionDataModule(L.LightningDataModule):
                 f"`preload_nchunks` = {chunk_size} × {preload_nchunks} = {per_load}: raise "
                 "`preload_nchunks` or `chunk_size`, or lower `batch_size`."
             )
-        self.collection = _open(collection)
+        self.collection: Collection = _open(collection)
         if self.collection.is_empty:
-            raise CollectionError(f"The collection {collection!s} is empty: add data with `add_adatas` first.")
-        self.obs_keys = _as_list(obs_keys) if obs_keys is not None else []
-        self.batch_key = batch_key
-        self._sizes = sizes
-        self._batch_sampler = batch_sampler
-        self._seed = int(seed)
-        self._loader_kw = {"obs_keys": self.obs_keys or None, "batch_key": batch_key,
+            raise CollectionError(
+                f"The collection {collection!s} is empty: add data with `add_adatas` first."
+            )
+        self.obs_keys: list[str] = _as_list(obs_keys) if obs_keys is not None else []
+        self.batch_key: str | None = batch_key
+        self._sizes: dict[str, int] = sizes
+        self._batch_sampler: Sampler | Literal["homogeneous", "balanced"] | None = batch_sampler
+        self._seed: int = int(seed)
+        self._loader_kw: dict[str, Any] = {"obs_keys": self.obs_keys or None, "batch_key": batch_key,
                            "return_index": return_index, "to": to, "layer": layer, "prefetch": prefetch}  # fmt: skip
-        self._val_batch_size = val_batch_size if val_batch_size is not None else batch_size
-        self._n_obs = self.collection.n_obs
+        self._val_batch_size: int = val_batch_size if val_batch_size is not None else batch_size
+        self._n_obs: int = self.collection.n_obs
         self._check_columns({"obs_keys": self.obs_keys, "batch_key": [batch_key] if batch_key else [],
                              "split_key": [split_key] if split_key else []})  # fmt: skip
         self._check_layer(layer)
         key_columns = list(dict.fromkeys([*self.obs_keys, *([batch_key] if batch_key else [])]))
         columns = list(dict.fromkeys([*key_columns, *([split_key] if split_key else [])]))
         obs = self.collection.obs(columns=columns) if columns else None
-        self._keys = ObsTable(obs, key_columns) if key_columns else None
+        self._keys: ObsTable | None = ObsTable(obs, key_columns) if key_columns else None
         if isinstance(batch_sampler, str) and batch_key not in self._keys.categories:
             raise ValueError(
                 f"`batch_key={batch_key!r}` must be a categorical obs column to sample by it "
                 f"(`batch_sampler={batch_sampler!r}`); it is {obs[batch_key].dtype}."
             )
+        self.val_rows: np.ndarray
         if split_key is not None:
             self.val_rows = self._rows_with(obs[split_key], split_key, _as_list(val_values))
         else:
             self.val_rows = self._random_chunks(val_fraction)
         train = np.ones(self._n_obs, dtype=bool)
         train[self.val_rows] = False
-        self.train_rows = np.flatnonzero(train)
+        self.train_rows: np.ndarray = np.flatnonzero(train)
         if not len(self.train_rows):
-            raise ValueError("Every row is held out for validation; lower `val_fraction` or choose other `val_values`.")
+            raise ValueError(
+                "Every row is held out for validation; lower `val_fraction` or choose other `val_values`."
+            )
         self._train: Loader | None = None
         self._val: Loader | None = None
         self._train_world: tuple[int, int] | None = None
@@ -236,13 +242,13 @@ class CollectionDataModule(L.LightningDataModule):
 
     def _obs_columns(self) -> list[str]:
         first = next(iter(self.collection))
-        return [str(c) for c in first["obs"].attrs["column-order"]]
+        return [str(c) for c in list_attr(child_group(first, "obs"), "column-order")]
 
     def _check_layer(self, layer: str | None) -> None:
         if layer is None:
             return
         first = next(iter(self.collection))
-        layers = sorted(first["layers"].keys()) if "layers" in first else []
+        layers = sorted(child_group(first, "layers").keys()) if "layers" in first else []
         if layer not in layers:
             raise KeyError(f"`layer={layer!r}`: no such layer in the collection; its layers: {layers}.")
 
@@ -253,7 +259,9 @@ class CollectionDataModule(L.LightningDataModule):
         unknown = [v for v in values if v not in present]
         if unknown:
             shown = sorted(map(str, present))[:20]
-            raise ValueError(f"`val_values` {unknown} do not occur in obs column {name!r}; its values include {shown}.")
+            raise ValueError(
+                f"`val_values` {unknown} do not occur in obs column {name!r}; its values include {shown}."
+            )
         rows = np.flatnonzero(column.isin(values).to_numpy())
         return rows
 
@@ -285,11 +293,13 @@ class CollectionDataModule(L.LightningDataModule):
             return self._batch_sampler
         if self._batch_sampler is None:
             return SubsetSampler(self.train_rows, *sizes, shuffle=True, seed=seed)
-        codes = self._keys.arrays[self.batch_key].copy()
-        if self.batch_key not in self._keys.categories:
-            raise TypeError(f"batch_key {self.batch_key!r} must be categorical to sample by it.")
+        keys, batch_key = self._keys, self.batch_key
+        assert keys is not None and batch_key is not None  # a shorthand needs `batch_key` (see __init__)
+        codes = keys.arrays[batch_key].copy()
+        if batch_key not in keys.categories:
+            raise TypeError(f"batch_key {batch_key!r} must be categorical to sample by it.")
         codes[self.val_rows] = -1  # validation rows count as unlabelled: never drawn for training
-        classes = pd.Categorical.from_codes(codes, categories=self._keys.categories[self.batch_key])
+        classes = pd.Categorical.from_codes(codes, categories=keys.categories[batch_key])
         if self._batch_sampler == "homogeneous":
             return ClassSampler(classes, *sizes, seed=seed)
         return WeightedSampler(classes, *sizes, num_samples=len(self.train_rows), seed=seed)
@@ -313,7 +323,9 @@ class CollectionDataModule(L.LightningDataModule):
         if self._train is None or self._train_world != (rank, world):
             self._train = self._loader(self._train_sampler(), world, rank, equal=True)
             self._val = (
-                self._loader(self._val_sampler(world), world, rank, equal=False) if len(self.val_rows) else None
+                self._loader(self._val_sampler(world), world, rank, equal=False)
+                if len(self.val_rows)
+                else None
             )
             self._train_world = (rank, world)
             if self._pending_state is not None:
@@ -323,6 +335,7 @@ class CollectionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Loader:
         """The shuffled training loader (a new order each epoch)."""
         self.setup()
+        assert self._train is not None  # built by setup
         return self._train
 
     def val_dataloader(self) -> Loader | list:

@@ -109,7 +109,7 @@ class Classifier(_CellModule):
 
     # sizes ------------------------------------------------------------------------------------------------
     def _resolve_sizes(self) -> None:
-        label_key, obs_keys = self.hparams.label_key, getattr(_datamodule(self), "obs_keys", None)
+        label_key, obs_keys = self._hp.label_key, getattr(_datamodule(self), "obs_keys", None)
         if label_key is None:
             label_key = _resolve(self, "label_key", lambda dm: dm.obs_keys[0], "`obs_keys`")
         elif obs_keys is not None and label_key not in obs_keys:
@@ -124,7 +124,7 @@ class Classifier(_CellModule):
 
     def _build(self) -> None:
         if self.net is None:
-            hp = self.hparams
+            hp = self._hp
             self.net = MLP(hp.n_vars, hp.n_classes, hp.hidden_dims, hp.dropout)
 
     def _labels_to_save(self) -> dict[str, Any]:
@@ -143,12 +143,12 @@ class Classifier(_CellModule):
                 "The network is not built yet: pass `n_vars` and `n_classes`, or let a Trainer with a "
                 "datamodule call `setup` first."
             )
-        if self.hparams.normalize:
-            x = _normalize_log1p(x, self.hparams.target_sum)
+        if self._hp.normalize:
+            x = _normalize_log1p(x, self._hp.target_sum)
         return self.net(x)
 
     def _labels(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        key = self.hparams.label_key
+        key = self._hp.label_key
         if key is None:
             raise ValueError(
                 "Classifier needs `label_key`: pass it, or train with a datamodule with `obs_keys`."

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from lightning.fabric.utilities.data import AttributeDict
 from torch import nn
 from torch.nn import functional as F
 
@@ -226,6 +227,17 @@ class _CellModule(L.LightningModule):
         #: Gene names the model was trained on, where the datamodule knew them (kept in checkpoints).
         self.var_names: pd.Index | None = None
 
+    @property
+    def _hp(self) -> AttributeDict:
+        """:attr:`hparams`, typed as the :class:`AttributeDict` that ``save_hyperparameters()`` makes.
+
+        Its entries read and write as attributes. Lightning types :attr:`hparams` as a plain
+        ``MutableMapping`` too, which it is only for hyperparameters given as one.
+        """
+        hparams = self.hparams
+        assert isinstance(hparams, AttributeDict)
+        return hparams
+
     # sizes ------------------------------------------------------------------------------------------------
     def _resolve_sizes(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -310,7 +322,7 @@ class _CellModule(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW with the module's ``lr`` and ``weight_decay``."""
         return torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.get("weight_decay", 0.0)
+            self.parameters(), lr=self._hp.lr, weight_decay=self._hp.get("weight_decay", 0.0)
         )
 
     # batches ----------------------------------------------------------------------------------------------
@@ -321,4 +333,6 @@ class _CellModule(L.LightningModule):
                 f"{type(self).__name__} expects torch batches: build the loader with `to='torch'` "
                 f"(got X of type {type(x).__name__})."
             )
-        return _as_float(x, torch.float32 if not self.dtype.is_floating_point else self.dtype)
+        dtype = self.dtype
+        assert isinstance(dtype, torch.dtype)  # Lightning also allows a str, set only by `.type("...")`
+        return _as_float(x, torch.float32 if not dtype.is_floating_point else dtype)

@@ -157,7 +157,7 @@ class VAE(_CellModule):
     # sizes ------------------------------------------------------------------------------------------------
     def _resolve_sizes(self) -> None:
         _resolve(self, "n_vars", lambda dm: int(dm.n_vars), "`n_vars`")
-        hp, datamodule = self.hparams, _datamodule(self)
+        hp, datamodule = self._hp, _datamodule(self)
         if hp.n_batches == 0:
             return
         if hp.batch_key is None and datamodule is not None:
@@ -175,7 +175,7 @@ class VAE(_CellModule):
     def _build(self) -> None:
         if self.encoder is not None:
             return
-        hp = self.hparams
+        hp = self._hp
         self.encoder = MLP(hp.n_vars, 2 * hp.n_latent, hp.hidden_dims, hp.dropout, n_covariates=hp.n_batches)
         self.decoder = MLP(hp.n_latent, hp.n_vars, hp.hidden_dims[::-1], 0.0, n_covariates=hp.n_batches)
         self.log_theta = nn.Parameter(torch.zeros(hp.n_vars))
@@ -189,14 +189,16 @@ class VAE(_CellModule):
             self.batch_categories = pd.Index(saved["batch_categories"])
 
     # model ------------------------------------------------------------------------------------------------
-    def _require_built(self) -> None:
-        if self.encoder is None:
+    def _built(self) -> tuple[MLP, MLP, nn.Parameter]:
+        """The encoder, decoder and log inverse dispersions (built together by :meth:`_build`)."""
+        if self.encoder is None or self.decoder is None or self.log_theta is None:
             raise RuntimeError(
                 "The network is not built yet: pass `n_vars` and `n_batches`, or let a Trainer call `setup`."
             )
+        return self.encoder, self.decoder, self.log_theta
 
     def _covariate(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
-        if not self.hparams.n_batches:
+        if not self._hp.n_batches:
             return None
         if batch.get("batch") is None:
             raise KeyError("This VAE has a batch covariate: build the loader with `batch_key=...`.")
@@ -209,33 +211,34 @@ class VAE(_CellModule):
 
         ``library`` (row sums of ``x``) is computed when not given.
         """
-        self._require_built()
-        x = _normalize_log1p(x, self.hparams.target_sum, library)
-        mean, raw_var = self.encoder(x, covariate).chunk(2, dim=1)
+        encoder, _, _ = self._built()
+        x = _normalize_log1p(x, self._hp.target_sum, library)
+        mean, raw_var = encoder(x, covariate).chunk(2, dim=1)
         return mean, F.softplus(raw_var) + 1e-4  # floor: keeps log(var) in the KL finite
 
     def decode(
         self, z: torch.Tensor, library: torch.Tensor, covariate: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Log negative-binomial means ``(n, n_vars)`` for latents ``z`` and library sizes ``library``."""
-        self._require_built()
-        log_rho = torch.log_softmax(self.decoder(z, covariate), dim=1)
+        _, decoder, _ = self._built()
+        log_rho = torch.log_softmax(decoder(z, covariate), dim=1)
         return log_rho + library.clamp_min(torch.finfo(library.dtype).tiny).log()[:, None]
 
     def forward(self, x: torch.Tensor, covariate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-cell ``reconstruction`` (NB negative log-likelihood), ``kl`` and latent ``z`` and ``mean``."""
         library = _row_sums(x)
         mean, var = self.encode(x, covariate, library)
+        _, _, log_theta = self._built()
         z = mean + var.sqrt() * torch.randn_like(mean)
         log_mu = self.decode(z, library, covariate)
-        reconstruction = -_nb_log_likelihood(x, log_mu, self.log_theta)
+        reconstruction = -_nb_log_likelihood(x, log_mu, log_theta)
         kl = 0.5 * (mean.pow(2) + var - 1.0 - var.log()).sum(dim=1)
         return {"reconstruction": reconstruction, "kl": kl, "z": z, "mean": mean}
 
     def _kl_weight(self) -> float:
-        warmup = self.hparams.kl_warmup_steps
+        warmup = self._hp.kl_warmup_steps
         ramp = min(1.0, self.global_step / warmup) if warmup else 1.0
-        return self.hparams.kl_weight * ramp
+        return self._hp.kl_weight * ramp
 
     def _step(self, batch: Mapping[str, Any], stage: str) -> torch.Tensor:
         x = self._x(batch)

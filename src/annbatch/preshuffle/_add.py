@@ -46,7 +46,7 @@ GROUPBY_ATTR = "groupby"
 
 def add_adatas(
     collection: Datasets,
-    inputs: Sequence[InputLike],
+    inputs: Sequence[InputLike] | InputLike,
     *,
     shuffle: bool = True,
     rng: np.random.Generator | None = None,
@@ -183,10 +183,11 @@ def _collection_groupby(
     in two ways. Collections written without the record (older ones) take ``groupby`` as given.
     """
     given = None if groupby is None else ([groupby] if isinstance(groupby, str) else list(groupby))
-    recorded = collection.group.attrs.get(GROUPBY_ATTR)
-    if not appending or recorded is None:
+    stored = collection.group.attrs.get(GROUPBY_ATTR)
+    if not appending or stored is None:
         return given or []
-    recorded = [str(c) for c in recorded]
+    assert isinstance(stored, list | tuple), f"attribute {GROUPBY_ATTR!r} is not a list"  # written as one
+    recorded = [str(c) for c in stored]
     if given is not None and given != recorded:
         raise InputError(
             f"The collection {collection._label!r} was converted with `groupby={recorded}`; appending with "

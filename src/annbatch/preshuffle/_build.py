@@ -157,10 +157,10 @@ def _gather_element(
     indices = np.empty(indptr[-1], dtype=min_index_dtype(elem.width[0]))
     dest = indptr[:-1][inverse]  # output offset of every input row
     for b, block in enumerate(blocks):
-        part = kept.pop(b, None)
-        if part is None:
-            part = _conform_csr(source[b].read(block.start, block.stop), elem, maps[block.source])
-        scatter_rows(part.indptr, part.indices, part.data, dest[starts[b] : starts[b + 1]], indices, data)
+        csr = kept.pop(b, None)
+        if csr is None:
+            csr = _conform_csr(source[b].read(block.start, block.stop), elem, maps[block.source])
+        scatter_rows(csr.indptr, csr.indices, csr.data, dest[starts[b] : starts[b + 1]], indices, data)
         bar.update(block.n_obs)
     return RawCSR(data, indices, indptr, (n_obs, elem.width[0]))
 

@@ -7,7 +7,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import anndata as ad
 import h5py
@@ -21,7 +21,7 @@ from annbatch._zarr import zarrs_pipeline
 from annbatch.errors import InputError
 from annbatch.writer import _named_layers
 
-InputLike = str | Path | ad.AnnData
+InputLike: TypeAlias = str | Path | ad.AnnData
 LoadAdata = Callable[[str], ad.AnnData]
 
 

@@ -150,7 +150,7 @@ def plan_var_space(
         if len(names) == 0:
             raise InputError("`join='inner'`: the inputs share no var names. Use `join='outer'`.")
     var = existing_var if existing_var is not None else _merge_var(inputs, pd.Index(names), merge)
-    maps = []
+    maps: list[np.ndarray | None] = []
     for inp in inputs:
         if inp.var.index.equals(var.index):
             maps.append(None)
@@ -222,6 +222,7 @@ def plan_elements(
         if len(set(dtypes.values())) > 1:
             warnings.warn(f"{key} has different dtypes across inputs {_fmt(dtypes)}; promoting to {dtype}.",
                           stacklevel=3)  # fmt: skip
+        width: tuple[int, ...]
         if key == "X" or key.startswith("layers/"):
             width = (n_vars,)
         else:

@@ -87,7 +87,9 @@ class _ChunkedSampler(Sampler):
             return int(rng.integers(0, 2**63))
         if seed is None:
             # fixed now so that copies sent to worker processes share it
-            return int(np.random.SeedSequence().entropy)
+            entropy = np.random.SeedSequence().entropy
+            assert isinstance(entropy, int)  # drawn fresh: one int
+            return entropy
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         return int(seed)

@@ -61,6 +61,7 @@ class SubsetSampler(_ChunkedSampler):
         seed: int | None = None,
     ) -> None:
         rows = np.asarray(rows)
+        self._n_rows: int | None  # the length of a mask (checked against the collection), else None
         if rows.dtype == bool:
             self._selected, self._n_rows = np.flatnonzero(rows), len(rows)
         elif rows.ndim == 1 and (rows.size == 0 or np.issubdtype(rows.dtype, np.integer)):

@@ -171,7 +171,8 @@ class WeightedSampler(_LabelledSampler):
         length = chunks.length.astype(np.float64)
         code = chunks.code()
         # expected rows of one length-proportional chunk draw, per label
-        m = np.bincount(code, weights=length**2, minlength=len(chunks.rows))
+        # float64 (weighted counts), though numpy's stubs type every bincount as intp
+        m: np.ndarray = np.bincount(code, weights=length**2, minlength=len(chunks.rows))
         active = self._weights(chunks) > 0
         m[active] /= chunks.rows[active]
         p = np.zeros(len(chunks.rows))

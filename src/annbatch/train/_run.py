@@ -47,6 +47,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
     from omegaconf import OmegaConf
 
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert isinstance(data, dict)  # the `data` node is a mapping
     settings = _settings("data", data) | {"collection": "data.path"}
     path = data.pop("path", None)
     demo = data.pop("demo", None) or {}
@@ -64,7 +65,7 @@ def build_datamodule(cfg: DictConfig) -> pl.LightningDataModule:
         raise problem from err.__cause__
 
 
-def _settings(section: str, node: Mapping[str, Any]) -> dict[str, str]:
+def _settings(section: str, node: Mapping[Any, Any]) -> dict[str, str]:
     """The keys of a config node (the parameters its ``_target_`` gets) → their dotted config keys."""
     return {str(key): f"{section}.{key}" for key in node if not str(key).startswith("_")}
 
