@@ -60,7 +60,7 @@ def _assert_full(bars: list[_Recorded], dataset_rows: list[int]) -> None:
 def test_reading_rows_bar_counts_the_datasets_rows(tmp_path, bars, dense):
     inputs = [_adata(230, seed=0, dense=dense), _adata(171, seed=1, dense=dense)]
     coll = Collection(tmp_path / "c.zarr").add_adatas(inputs, seed=0, dataset_size=150, shuffle_chunk_size=20)
-    sizes = [g["obs"][g["obs"].attrs["_index"]].shape[0] for g in coll]
+    sizes = [n_obs for n_obs, _ in coll._dataset_shapes()]
     assert sum(sizes) == 401 and len(sizes) == 3
     _assert_full(bars, sizes)
 
