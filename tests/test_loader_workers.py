@@ -1,7 +1,8 @@
 """The Loader inside ``torch.utils.data.DataLoader`` worker processes (spawn context).
 
-Spawned workers take seconds to start (each imports torch and annbatch), so one DataLoader with
-persistent workers runs two epochs once per module and the tests check its output.
+Spawned workers take seconds to start (each imports torch and annbatch), so each DataLoader with
+persistent workers (one yielding torch tensors, one scipy CSR) runs two epochs once per module, without
+``set_epoch``, and the tests check its output.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import gc
 import pickle
 import warnings
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 
 import anndata as ad
 import numpy as np
@@ -21,6 +23,8 @@ torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader  # noqa: E402
 
 import annbatch  # noqa: E402
+from annbatch import _convert  # noqa: E402
+from annbatch._csr import RawCSR  # noqa: E402
 from annbatch.synthetic import make_adata  # noqa: E402
 
 BATCH_SIZE = 30  # 560 rows: two workers of 280 rows, each with a partial last batch
@@ -39,7 +43,7 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Run:
+def collection(tmp_path_factory) -> tuple[annbatch.Collection, np.ndarray, pd.DataFrame]:
     root = tmp_path_factory.mktemp("workers") / "c.zarr"
     inputs = [make_adata(n, 40, seed=30 + n) for n in (310, 250)]
     coll = annbatch.Collection(root).add_adatas(
@@ -49,14 +53,18 @@ def run(tmp_path_factory) -> Run:
     adatas = [ad.read_zarr(root / key) for key in coll.dataset_keys]
     X = np.concatenate([a.X.toarray() for a in adatas])
     obs = pd.concat([a.obs for a in adatas])
+    return coll, X, obs
+
+
+def _run(collection, **kwargs) -> Run:
+    coll, X, obs = collection
     loader = coll.loader(
         batch_size=BATCH_SIZE,
         chunk_size=8,
         preload_nchunks=4,
         seed=None,  # the base seed is drawn once, here, and shipped to every worker
         return_index=True,
-        obs_columns=["cell_type", "n_counts"],
-        to="torch",
+        **kwargs,
     )
     dl = DataLoader(
         loader,
@@ -67,12 +75,22 @@ def run(tmp_path_factory) -> Run:
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        epochs = [list(dl) for _ in range(N_EPOCHS)]
+        epochs = [list(dl) for _ in range(N_EPOCHS)]  # no set_epoch: the workers advance their copies
     len_warnings = [str(w.message) for w in caught if "Length of IterableDataset" in str(w.message)]
     reported = len(dl)
     del dl
     gc.collect()
     return Run(loader, X, obs, epochs, reported, len_warnings)
+
+
+@pytest.fixture(scope="module")
+def run(collection) -> Run:
+    return _run(collection, obs_columns=["cell_type", "n_counts"], to="torch")
+
+
+@pytest.fixture(scope="module")
+def scipy_run(collection) -> Run:
+    return _run(collection, obs_keys=["cell_type"])
 
 
 def test_loader_pickles(run):
@@ -128,3 +146,60 @@ def test_dataloader_length_is_within_documented_bound(run):
     # Documented limitation (Loader.__len__): each of the 2 workers ends on its own partial batch, so up to
     # num_workers - 1 more batches than len(loader) may come back.
     assert all(run.reported_len <= len(e) <= run.reported_len + 1 for e in run.epochs)
+
+
+def test_scipy_batches_from_workers_are_plain_csr_and_cover_every_row_once(scipy_run):
+    labels = scipy_run.loader.categories["cell_type"]
+    cell_types = scipy_run.obs["cell_type"].astype(str).to_numpy()
+    for batches in scipy_run.epochs:
+        idx = np.concatenate([np.asarray(b["index"]) for b in batches])
+        np.testing.assert_array_equal(np.sort(idx), np.arange(len(scipy_run.X)))
+        for b in batches:
+            rows = np.asarray(b["index"])
+            assert type(b["X"]) is sp.csr_matrix  # sent through shared memory, rebuilt as plain scipy
+            np.testing.assert_array_equal(b["X"].toarray(), scipy_run.X[rows])
+            np.testing.assert_array_equal(labels[np.asarray(b["obs"]["cell_type"])], cell_types[rows])
+    first, second = ([np.asarray(b["index"]) for b in e] for e in scipy_run.epochs)
+    assert len(first) != len(second) or not all(
+        np.array_equal(a, b) for a, b in zip(first, second, strict=True)
+    )
+
+
+@pytest.fixture
+def in_worker(monkeypatch):
+    monkeypatch.setattr(_convert, "_in_torch_worker", lambda: True)
+
+
+def _raw_csr() -> tuple[RawCSR, np.ndarray]:
+    m = make_adata(300, 50, seed=1).X
+    raw = RawCSR(m.data, m.indices.astype(np.uint16), m.indptr.astype(np.int64), m.shape)
+    return raw, m.toarray()
+
+
+def test_worker_csr_goes_through_shared_memory(in_worker):
+    raw, dense = _raw_csr()
+    matrix = _convert.convert(raw, None)
+    assert isinstance(matrix, sp.csr_matrix)
+    payload = ForkingPickler.dumps(matrix)
+    assert len(payload) < 2000 < matrix.data.nbytes  # a handle, not the arrays
+    back = ForkingPickler.loads(payload)
+    assert type(back) is sp.csr_matrix
+    assert back.indices.dtype == np.uint16 and back.indptr.dtype == np.int64
+    np.testing.assert_array_equal(back.toarray(), dense)
+    matrix.data[:] = 0  # the sender's batch and the received one do not share memory
+    np.testing.assert_array_equal(back.toarray(), dense)
+
+
+def test_worker_csr_pickles_plainly(in_worker):
+    raw, dense = _raw_csr()
+    back = pickle.loads(pickle.dumps(_convert.convert(raw, None)))
+    assert type(back) is sp.csr_matrix
+    np.testing.assert_array_equal(back.toarray(), dense)
+    assert type(ForkingPickler.loads(ForkingPickler.dumps(raw.to_scipy()))) is sp.csr_matrix
+
+
+def test_csr_outside_workers_is_plain():
+    raw, dense = _raw_csr()
+    matrix = _convert.convert(raw, None)
+    assert type(matrix) is sp.csr_matrix
+    np.testing.assert_array_equal(matrix.toarray(), dense)
