@@ -79,6 +79,9 @@ def _small(n_obs=60, **kw):
         ({"var_subset": "gene_0"}, TypeError, r"`var_subset` must be a list of var names"),
         ({"var_subset": []}, errors.InputError, r"`var_subset` is empty"),
         ({"groupby": "nope"}, errors.InputError, r"`groupby` column\(s\) \['nope'\]"),
+        ({"seed": -1}, ValueError, "`seed` must be 0 or more"),
+        ({"seed": 1.5}, TypeError, "`seed` must be an int"),
+        ({"shard_size": None}, TypeError, "`shard_size`"),
     ],
 )
 def test_add_adatas_errors_name_the_parameter(tmp_path, kwargs, error, pattern):
@@ -108,21 +111,6 @@ def test_write_sharded_errors_name_the_parameter_and_element(tmp_path):
     fix = r"`adata\.layers\['counts'\] = adata\.layers\['counts'\]\.tocsr\(\)`"
     with pytest.raises(ValueError, match=r"`adata\.layers\['counts'\]` is a CSC matrix.*" + fix):
         annbatch.write_sharded(group, adata, key="c")
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "error", "pattern"),
-    [
-        ({"seed": -1}, ValueError, "`seed` must be 0 or more"),
-        ({"seed": 1.5}, TypeError, "`seed` must be an int"),
-        ({"shard_size": None}, TypeError, "`shard_size`"),
-    ],
-)
-def test_more_add_adatas_errors_name_the_parameter(tmp_path, kwargs, error, pattern):
-    path = tmp_path / "c.zarr"
-    with pytest.raises(error, match=pattern):
-        annbatch.Collection(path).add_adatas([_small()], progress=False, **kwargs)
-    assert annbatch.Collection(path).is_empty
 
 
 def test_loader_errors_name_the_parameter_the_caller_used(tmp_path):
