@@ -11,44 +11,20 @@ from scipy.stats import chisquare
 
 from annbatch.abc import Sampler
 from annbatch.samplers import ClassSampler, WeightedSampler
+from annbatch.testing import check_requests, check_sampler
 
 FAST = settings(max_examples=50, deadline=None)
 
 
 def resolve(stream) -> tuple[list[np.ndarray], list[dict]]:
-    """Turn a stream of LoadRequests into batches of global row ids, checking the carry contract."""
-    batches: list[np.ndarray] = []
+    """Batches of global rows of a stream of LoadRequests, checked by annbatch.testing."""
     requests = list(stream)
-    carried = np.empty(0, dtype=np.int64)
-    for k, req in enumerate(requests):
-        assert set(req) <= {"requests", "splits", "carry"}
-        assert len(req["splits"]) >= 1, "every request yields at least one batch"
-        rows = req["requests"]
-        assert all(isinstance(s, slice) and s.step is None and s.start < s.stop for s in rows)
-        new = np.concatenate([np.arange(s.start, s.stop, dtype=np.int64) for s in rows])
-        loaded = np.concatenate([carried, new])
-        parts = [*req["splits"], *([req["carry"]] if "carry" in req else [])]
-        for p in parts:
-            assert p.dtype == np.int64 and p.ndim == 1 and len(p) > 0
-        used = np.concatenate(parts)
-        assert len(np.unique(used)) == len(used) and used.min() >= 0 and used.max() < len(loaded)
-        if k < len(requests) - 1:
-            assert len(used) == len(loaded), "non-final requests use every loaded row"
-        else:
-            assert "carry" not in req, "the final request carries nothing"
-        batches.extend(loaded[s] for s in req["splits"])
-        carried = loaded[req["carry"]] if "carry" in req else np.empty(0, dtype=np.int64)
-    return batches, requests
+    return check_requests(requests, use_every_loaded_row=True), requests
 
 
 def worker_batches(sampler: Sampler, n_obs: int, num_workers: int) -> list[tuple[list[np.ndarray], list]]:
-    out = []
-    for w in range(num_workers):
-        sampler.set_worker(w, num_workers)
-        batches, requests = resolve(sampler.sample(n_obs))
-        assert sampler.n_iters(n_obs) == len(batches)
-        out.append((batches, requests))
-    return out
+    check = check_sampler(sampler, n_obs, epoch=sampler.epoch, num_workers=num_workers, use_every_loaded_row=True)
+    return list(zip(check.batches, check.requests, strict=True))
 
 
 def flat(batches: list[np.ndarray]) -> np.ndarray:
@@ -172,7 +148,7 @@ def test_class_sampler_homogeneous_on_groupby_layout():
     assert changes > len(classes.categories)
     # rows within a batch come from several reads (shuffled within the load)
     assert any(len(np.unique(b // 100)) > 1 for b in batches)
-    assert s.n_iters(len(classes)) == len(batches) == sum(-(-c // 64) for c in [1500, 1050, 1270, 170])
+    assert s.n_batches(len(classes)) == len(batches) == sum(-(-c // 64) for c in [1500, 1050, 1270, 170])
 
 
 def test_class_sampler_missing_labels_never_yielded():
@@ -270,7 +246,7 @@ def test_class_sampler_weights_follow_batches():
         classes, bs, 40, 4, class_weights=weights, num_samples=num_samples, drop_last=True, seed=11
     )
     batches = resolve(s.sample(n))[0]
-    assert all(len(b) == bs for b in batches) and len(batches) == num_samples // bs == s.n_iters(n)
+    assert all(len(b) == bs for b in batches) and len(batches) == num_samples // bs == s.n_batches(n)
 
 
 def test_class_sampler_num_samples_only_follows_label_sizes():
@@ -292,7 +268,7 @@ def test_class_sampler_workers_disjoint_and_cover():
     classes = sorted_labels()
     n = len(classes)
     s = ClassSampler(classes, 50, 64, 3, seed=9)
-    total = s.n_iters(n)
+    total = s.n_batches(n)
     per_worker = [flat(b) for b, _ in worker_batches(s, n, 4)]
     for i in range(4):
         for j in range(i + 1, 4):
@@ -302,7 +278,7 @@ def test_class_sampler_workers_disjoint_and_cover():
     per_worker_iters = []
     for i in range(4):
         s.set_worker(i, 4)
-        per_worker_iters.append(s.n_iters(n))
+        per_worker_iters.append(s.n_batches(n))
     assert sum(per_worker_iters) == total
 
 
@@ -391,7 +367,7 @@ def test_weighted_num_samples_batches_and_workers(cfg, num_samples):
     s.set_epoch(cfg["epoch"])
     if len(expected) == 0:
         with pytest.raises(ValueError, match="no row"):
-            s.n_iters(n_obs)
+            s.n_batches(n_obs)
         return
     per_worker = worker_batches(s, n_obs, w)
     total = 0
@@ -458,7 +434,7 @@ def test_short_runs_name_the_values(cls):
     assert "'scattered'" in msg and "'mixed'" in msg and "'grouped'" not in msg
     assert "chunk_size" in msg
     with pytest.raises(ValueError, match="groupby"):
-        s.n_iters(len(labels))
+        s.n_batches(len(labels))
     with pytest.raises(ValueError, match="groupby"):
         next(iter(s.sample(len(labels))))
     # a lower chunk_size is accepted: mean run ~2 >= min(4, rows) / 4

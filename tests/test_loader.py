@@ -31,6 +31,7 @@ import annbatch
 from annbatch.abc import Sampler
 from annbatch.samplers import DistributedSampler, RandomSampler, SequentialSampler
 from annbatch.synthetic import make_adata
+from annbatch.testing import check_requests
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -672,7 +673,7 @@ class FixedSlices(Sampler):
                 "splits": [np.arange(n, dtype=np.int64)[::-1].copy()],
             }
 
-    def n_iters(self, n_obs: int) -> int:
+    def n_batches(self, n_obs: int) -> int:
         return len(self._requests[self._worker_id :: self._num_workers])
 
 
@@ -760,20 +761,8 @@ class ExplicitLoads(Sampler):
     def sample(self, n_obs: int):
         yield from self._requests
 
-    def n_iters(self, n_obs: int) -> int:
+    def n_batches(self, n_obs: int) -> int:
         return sum(len(r["splits"]) for r in self._requests)
-
-
-def _explicit_rows(requests: list[dict]) -> list[np.ndarray]:
-    """Global rows of every batch of ``requests`` (LoadRequest semantics, carry included)."""
-    out, carried = [], np.empty(0, np.int64)
-    for req in requests:
-        new = req["requests"]
-        new = np.concatenate([np.arange(r.start, r.stop) for r in new]) if isinstance(new, list) else new
-        loaded = np.concatenate([carried, new])
-        out += [loaded[np.asarray(sp_)] for sp_ in req["splits"]]
-        carried = loaded[req["carry"]] if "carry" in req else np.empty(0, np.int64)
-    return out
 
 
 def test_custom_requests_with_unused_rows_and_carry(coll):
@@ -786,7 +775,7 @@ def test_custom_requests_with_unused_rows_and_carry(coll):
     ]  # fmt: skip
     loader = collection.loader(batch_sampler=ExplicitLoads(requests), return_index=True, obs_columns=OBS_COLUMNS)
     batches = list(loader)
-    expected = _explicit_rows(requests)
+    expected = check_requests(requests, src.n_obs)
     assert len(batches) == len(expected) == len(loader)
     for b, rows in zip(batches, expected, strict=True):
         np.testing.assert_array_equal(b["index"], rows)
@@ -873,7 +862,7 @@ class FailingSampler(Sampler):
         yield {"requests": [slice(4, 8)], "splits": [np.arange(4)]}
         raise RuntimeError("sampler broke")
 
-    def n_iters(self, n_obs: int) -> int:
+    def n_batches(self, n_obs: int) -> int:
         return 3
 
 
@@ -905,7 +894,7 @@ class CountingSampler(Sampler):
             self.log.append(k)
             yield {"requests": [slice(k * self.rows, (k + 1) * self.rows)], "splits": [np.arange(self.rows)]}
 
-    def n_iters(self, n_obs: int) -> int:
+    def n_batches(self, n_obs: int) -> int:
         return self.n_loads
 
 

@@ -493,7 +493,7 @@ def test_balanced_uniform_on_imbalanced_collection(imbalanced_ref: Ref):
     loader = imbalanced_ref.coll.loader(batch_size=200, chunk_size=chunk, preload_nchunks=20, seed=0,
                                         return_index=True, batch_key="donor", batch_sampler="balanced",
                                         num_samples=n)  # fmt: skip
-    assert type(loader.batch_sampler).__name__ == "WeightedSampler"
+    assert type(loader.batch_sampler).__name__ == "WeightedClassSampler"
     assert len(loader) == n // 200
     shares, total = _row_shares(imbalanced_ref, loader)
     assert total == n  # num_samples honoured

@@ -13,52 +13,27 @@ from hypothesis import strategies as st
 
 from annbatch.abc import Sampler
 from annbatch.samplers import DistributedSampler, RandomSampler, SequentialSampler
+from annbatch.testing import check_requests, check_sampler
 
 FAST = settings(max_examples=60, deadline=None)
 
 
 def resolve(stream, *, every_row: bool = True) -> tuple[list[np.ndarray], list[dict]]:
-    """Turn a stream of LoadRequests into batches of global row ids, checking the carry contract.
+    """Batches of global rows of a stream of LoadRequests, checked by annbatch.testing.
 
     ``every_row=False`` allows loads that read rows they do not use (a distributed sampler's loads
     re-read the rows carried into them, which their origin load reads too).
     """
-    batches: list[np.ndarray] = []
     requests = list(stream)
-    carried = np.empty(0, dtype=np.int64)
-    for k, req in enumerate(requests):
-        assert set(req) <= {"requests", "splits", "carry"}
-        assert len(req["splits"]) >= 1, "every request yields at least one batch"
-        rows = req["requests"]
-        if isinstance(rows, np.ndarray):
-            new = rows
-        else:
-            assert all(isinstance(s, slice) and s.step is None and s.start < s.stop for s in rows)
-            new = np.concatenate([np.arange(s.start, s.stop, dtype=np.int64) for s in rows])
-        loaded = np.concatenate([carried, new])
-        parts = [*req["splits"], *([req["carry"]] if "carry" in req else [])]
-        for p in parts:
-            assert p.dtype == np.int64 and p.ndim == 1 and len(p) > 0
-        used = np.concatenate(parts)
-        # each loaded row goes to at most one batch (or the carry)
-        assert len(np.unique(used)) == len(used) and used.min() >= 0 and used.max() < len(loaded)
-        if k < len(requests) - 1 and every_row:
-            assert len(used) == len(loaded), "non-final requests use every loaded row"
-        else:
-            assert "carry" not in req, "the final request carries nothing"
-        batches.extend(loaded[s] for s in req["splits"])
-        carried = loaded[req["carry"]] if "carry" in req else np.empty(0, dtype=np.int64)
-    return batches, requests
+    return check_requests(requests, use_every_loaded_row=every_row), requests
 
 
 def worker_batches(sampler: Sampler, n_obs: int, num_workers: int) -> list[list[np.ndarray]]:
-    out = []
-    for w in range(num_workers):
-        sampler.set_worker(w, num_workers)
-        batches, _ = resolve(sampler.sample(n_obs), every_row=not isinstance(sampler, DistributedSampler))
-        assert sampler.n_iters(n_obs) == len(batches)
-        out.append(batches)
-    return out
+    every_row = not isinstance(sampler, DistributedSampler)
+    check = check_sampler(
+        sampler, n_obs, epoch=sampler.epoch, num_workers=num_workers, use_every_loaded_row=every_row
+    )
+    return check.batches
 
 
 def check_sizes(batches: list[np.ndarray], batch_size: int, drop_last: bool) -> None:
@@ -142,7 +117,7 @@ def test_workers_disjoint_and_counts_seed_independent(cfg):
     other = make(cfg, seed=cfg["seed"] + 1)
     for i in range(w):
         other.set_worker(i, w)
-        assert sum(1 for r in other.sample(n_obs) for _ in r["splits"]) == other.n_iters(n_obs)
+        assert sum(1 for r in other.sample(n_obs) for _ in r["splits"]) == other.n_batches(n_obs)
         assert len(flat(resolve(other.sample(n_obs))[0])) == len(per_worker[i])
 
 
@@ -168,7 +143,7 @@ def test_distributed_shards(cfg, world, equal):
     user = make(cfg)
     ds = DistributedSampler(user, rank=0, world_size=world, equal_batches=equal)
     ds.set_epoch(1)
-    assert user.epoch == 1 and user.mask == cfg["mask"], "wrapped sampler keeps its settings"
+    assert user.epoch == 1 and user.mask == (cfg["mask"] or slice(0, None)), "wrapped sampler keeps its settings"
     per_share = shares(ds, n_obs, world, w)
     for batches in per_share:
         check_sizes(batches, bs, cfg["drop_last"])
@@ -211,7 +186,7 @@ class _Labelled(Sampler):
             carried = len(rest) if i < self._n - 1 else 0
             yield req
 
-    def n_iters(self, n_obs):
+    def n_batches(self, n_obs):
         return -(-self._n * self._rows // self._bs)
 
 
@@ -260,7 +235,7 @@ def test_elastic_resumption_never_repeats_a_row(cfg, worlds, fracs, equal):
     seen, history = [], []
     for i, world in enumerate(worlds):
         ds._rank, ds._world_size = 0, world
-        n = ds._resumed(history).n_iters(n_obs)
+        n = ds._resumed(history).n_batches(n_obs)
         last = i == len(worlds) - 1
         k = None if last else int(fracs[i] * n)  # the last run goes to the end on every rank
         seen.extend(consume(ds, n_obs, world, k, history))
@@ -460,7 +435,7 @@ def test_validate_errors(kwargs, n_obs, match):
     with pytest.raises(ValueError, match=match):
         next(iter(s.sample(n_obs)))
     with pytest.raises(ValueError, match=match):
-        s.n_iters(n_obs)
+        s.n_batches(n_obs)
 
 
 def test_epoch_worker_errors():
@@ -500,7 +475,7 @@ def test_distributed_without_torch():
         from annbatch.samplers import DistributedSampler, RandomSampler
         ds = DistributedSampler(RandomSampler(4, 4, 2, seed=0))
         assert ds.rank_world() == (0, 1)
-        assert sum(len(r["splits"]) for r in ds.sample(10)) == ds.n_iters(10) == 3
+        assert sum(len(r["splits"]) for r in ds.sample(10)) == ds.n_batches(10) == 3
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -522,11 +497,10 @@ def test_docstring_example_sampler():
     src = textwrap.dedent(Sampler.__doc__.split(".. code-block:: python\n")[1])
     ns: dict = {}
     exec(src, ns)
-    s = ns["RangeSampler"]([(0, 3), (5, 9), (9, 10)])
-    s.set_worker(1, 2)
-    assert s.n_iters(10) == 1
-    batches, _ = resolve(s.sample(10))
-    assert [b.tolist() for b in batches] == [[5, 6, 7, 8]]
+    s = ns["RangeSampler"]([(0, 3), (5, 9), (9, 10)], batch_size=3)
+    check = check_sampler(s, 10, num_workers=2, covers=[0, 1, 2, 5, 6, 7, 8, 9])
+    assert [len(b) for b in check.batches[1]] == [3, 1], "sample() cut the request without splits"
+    assert set(np.concatenate(check.batches[1]).tolist()) == {5, 6, 7, 8}
     with pytest.raises(ValueError, match="ranges"):
         s.validate(5)
 
@@ -534,8 +508,8 @@ def test_docstring_example_sampler():
 def test_load_request_keys():
     from annbatch.types import LoadRequest
 
-    assert LoadRequest.__required_keys__ == {"requests", "splits"}
-    assert LoadRequest.__optional_keys__ == {"carry"}
+    assert LoadRequest.__required_keys__ == {"requests"}
+    assert LoadRequest.__optional_keys__ == {"splits", "carry"}
 
 
 @FAST
@@ -585,3 +559,17 @@ def test_distributed_short_epoch_still_feeds_every_rank():
     assert [len(b) for b in per_share] == [2, 2, 2]
     rows = flat([flat(b) for b in per_share])
     assert len(np.unique(rows)) == len(rows) == 60
+
+
+def test_custom_samplers_doc_examples():
+    """The sampler classes of docs/custom_samplers.md and its check_sampler block run as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "custom_samplers.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    runnable = [b for b in blocks if "coll" not in b]  # the others need a collection on disk
+    assert any("class FixedRangeSampler" in b for b in runnable) and any("check_sampler(" in b for b in runnable)
+    namespace: dict = {}
+    for block in runnable:
+        exec(compile(block, "custom_samplers.md", "exec"), namespace)

@@ -2,7 +2,7 @@
 
 from importlib.metadata import version
 
-from . import abc, errors, samplers, types
+from . import abc, errors, samplers, testing, types
 from .collection import Collection, DatasetCollection
 from .errors import AnnbatchError, CollectionError, CollectionLockedError, InputError
 from .writer import write_sharded
@@ -31,6 +31,7 @@ __all__ = [
     "abc",
     "errors",
     "samplers",
+    "testing",
     "types",
     "write_sharded",
 ]

@@ -69,12 +69,12 @@ class Progress:
         if self._epoch is not None:
             return self._length
         sampler, _, history = self._plan(sampler)
-        return sum(k for _, k in history) + sampler.n_iters(n_obs)
+        return sum(k for _, k in history) + sampler.n_batches(n_obs)
 
     def begin(self, sampler: Sampler, n_obs: int) -> Iterator[LoadRequest]:
         """Start (or resume) the next epoch on ``sampler`` (epoch and worker set); its load requests."""
         plan, skip, history = self._plan(sampler)
-        self._length = sum(k for _, k in history) + plan.n_iters(n_obs)
+        self._length = sum(k for _, k in history) + plan.n_batches(n_obs)
         self._epoch, self.next_epoch, self._resume = self.next_epoch, self.next_epoch + 1, []
         self._world, self._earlier, self.batches = _world(sampler), history, skip
         requests = plan.sample(n_obs)

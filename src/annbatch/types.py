@@ -1,11 +1,33 @@
 """Typed structures shared between samplers, the loader and the training layer."""
 
-from typing import Any, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, Generic, NotRequired, TypeAlias, TypedDict, TypeVar, Union
 
+import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+import zarr
 
-__all__ = ["Batch", "LoadRequest"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BackingArray_T",
+    "Batch",
+    "InputInMemoryArray_T",
+    "LoadRequest",
+    "LoaderOutput",
+    "OutputInMemoryArray_T",
+]
+
+#: On-disk arrays a loader reads rows from: dense zarr arrays and anndata's sparse datasets.
+BackingArray_T: TypeAlias = zarr.Array | ad.abc.CSRDataset
+#: In-memory matrices a loader reads rows from.
+InputInMemoryArray_T: TypeAlias = np.ndarray | sp.csr_matrix | sp.csr_array
+#: What a mini-batch's ``X`` is: numpy/scipy with ``to=None``, torch tensors with ``to="torch"``.
+OutputInMemoryArray_T: TypeAlias = Union[np.ndarray, sp.csr_matrix, "torch.Tensor"]
+
+X_T = TypeVar("X_T")
 
 
 class LoadRequest(TypedDict):
@@ -28,18 +50,23 @@ class LoadRequest(TypedDict):
         ``int64`` array of rows (sorted or not). Rows are loaded in this order.
     splits
         One ``int64`` index array into the loaded rows per mini-batch, yielded in this order.
+        A sampler's ``_sample`` may leave it out: :meth:`Sampler.sample <annbatch.abc.Sampler.sample>`
+        then cuts the loaded rows into mini-batches of ``batch_size`` (see there).
     carry
         Optional ``int64`` indices into the loaded rows to keep for the next request (a partial
         batch). Absent means nothing is carried.
     """
 
     requests: list[slice] | np.ndarray
-    splits: list[np.ndarray]
+    splits: NotRequired[list[np.ndarray]]
     carry: NotRequired[np.ndarray]
 
 
-class Batch(TypedDict):
+class Batch(TypedDict, Generic[X_T]):
     """One mini-batch, as every :class:`~annbatch.Loader` yields it.
+
+    Generic in the type of ``X``: ``Batch[np.ndarray]``, ``Batch[torch.Tensor]``. Also available
+    under its scverse ``annbatch`` name, :data:`LoaderOutput`.
 
     This is the contract that ``training_step`` methods and configs rely on: its keys change only
     with a deprecation. Arrays are numpy/scipy with ``to=None`` or ``"numpy"``, torch tensors with
@@ -64,8 +91,12 @@ class Batch(TypedDict):
         Present only with ``batch_key``: that column's int64 codes (a tensor with ``to="torch"``).
     """
 
-    X: Any
+    X: X_T
     obs: dict[str, Any] | pd.DataFrame | None
     var: pd.DataFrame | None
     index: np.ndarray | None
     batch: NotRequired[Any]
+
+
+#: The scverse ``annbatch`` name of :class:`Batch` (its keys ``X``, ``obs`` and ``index`` are the same).
+LoaderOutput = Batch

@@ -7,7 +7,7 @@ from annbatch.samplers._class import ClassSampler
 from annbatch.samplers._distributed import DistributedSampler
 from annbatch.samplers._random import RandomSampler, SequentialSampler
 from annbatch.samplers._subset import SubsetSampler
-from annbatch.samplers._weighted import WeightedSampler
+from annbatch.samplers._weighted import WeightedClassSampler, WeightedSampler
 
 __all__ = [
     "ClassSampler",
@@ -15,5 +15,6 @@ __all__ = [
     "RandomSampler",
     "SequentialSampler",
     "SubsetSampler",
+    "WeightedClassSampler",
     "WeightedSampler",
 ]

@@ -46,7 +46,7 @@ class _ChunkedSampler(Sampler):
     Owns ``batch_size``, ``chunk_size``, ``preload_nchunks``, ``mask``, ``num_samples``,
     ``drop_last`` and the base ``seed``: their validation at construction, their read-only
     properties, the mask checks of :meth:`validate`, the per-epoch random streams, and the
-    epoch's rows shared out among workers. Its :meth:`n_iters` and :meth:`max_load_rows` are
+    epoch's rows shared out among workers. Its :meth:`n_batches` and :meth:`max_load_rows` are
     those of samplers whose loads carry a partial batch into the next one; samplers that work
     otherwise override them. The public subclasses document the parameters.
     """
@@ -76,6 +76,7 @@ class _ChunkedSampler(Sampler):
         self._num_samples = None if num_samples is None else _check_positive_int("num_samples", num_samples)
         self._drop_last = bool(drop_last)
         self._seed = self._base_seed(rng, seed)
+        self._rng = rng
 
     @staticmethod
     def _base_seed(rng: np.random.Generator | None, seed: int | None) -> int:
@@ -117,9 +118,33 @@ class _ChunkedSampler(Sampler):
         return self._preload_nchunks
 
     @property
-    def mask(self) -> slice | None:
-        """Range of rows sampled from; ``None`` means every row."""
-        return self._mask
+    def mask(self) -> slice:
+        """Contiguous range of rows sampled from; ``slice(0, None)`` is every row.
+
+        Settable, e.g. ``sampler.mask = slice(0, 1000)`` (``None`` for every row); the next
+        epoch samples the new range.
+        """
+        return slice(0, None) if self._mask is None else self._mask
+
+    @mask.setter
+    def mask(self, value: slice | None) -> None:
+        mask = _check_mask(value)
+        whole = mask is not None and mask.start in (None, 0) and mask.stop is None
+        self._mask = None if whole else mask
+
+    @property
+    def rng(self) -> np.random.Generator | None:
+        """The generator the base seed was drawn from, or ``None`` where the sampler was given a seed.
+
+        Setting a generator draws a new base seed from it (so the sampler's batches then follow that
+        generator, reproducibly); setting ``None`` draws one from OS entropy.
+        """
+        return self._rng
+
+    @rng.setter
+    def rng(self, value: np.random.Generator | None) -> None:
+        self._seed = self._base_seed(value, None)
+        self._rng = value
 
     @property
     def num_samples(self) -> int | None:
@@ -159,7 +184,7 @@ class _ChunkedSampler(Sampler):
         """Rows of the epoch that belong to the current worker (by sizes only, see :func:`_worker_rows`)."""
         return _worker_rows(self._total(n_obs), self._chunk_size, self._worker_id, self._num_workers)
 
-    def _rng(self, *stream: int) -> np.random.Generator:
+    def _stream_rng(self, *stream: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(self._epoch, *stream)))
 
     def _load_requests(
@@ -201,7 +226,7 @@ class _ChunkedSampler(Sampler):
         if stop <= start:
             raise ValueError(f"mask {self._mask} selects no rows of {n_obs}; use a slice with start < stop")
 
-    def n_iters(self, n_obs: int) -> int:
+    def n_batches(self, n_obs: int) -> int:
         """Number of mini-batches :meth:`sample` yields for the current epoch and worker.
 
         Parameters

@@ -193,7 +193,7 @@ class _LabelledSampler(_ChunkedSampler):
             rng=rng,
             seed=seed,
         )
-        self._cache: tuple[int, _Chunks] | None = None
+        self._cache: tuple[tuple[int, int, int], _Chunks] | None = None
 
     # -- properties -------------------------------------------------------------------------
     @property
@@ -212,10 +212,10 @@ class _LabelledSampler(_ChunkedSampler):
         return f"<{len(self._codes)} labels, {len(self._categories)} categories>"
 
     def _chunks(self, n_obs: int) -> _Chunks:
-        if self._cache is None or self._cache[0] != n_obs:
-            start, stop = self._bounds(n_obs)
+        start, stop = self._bounds(n_obs)
+        if self._cache is None or self._cache[0] != (n_obs, start, stop):  # the mask is settable
             chunks = _build_chunks(self._codes, start, stop, self._chunk_size, len(self._categories))
-            self._cache = (n_obs, chunks)
+            self._cache = ((n_obs, start, stop), chunks)
         return self._cache[1]
 
     def _total(self, n_obs: int) -> int:
@@ -457,7 +457,7 @@ class ClassSampler(_LabelledSampler):
             return chunks.rows // bs * bs if self._drop_last else chunks.rows.copy()
         total = self._total(n_obs)
         n_batches = total // bs if self._drop_last else -(-total // bs)
-        rng = self._rng(_COUNTS_STREAM)
+        rng = self._stream_rng(_COUNTS_STREAM)
         counts = rng.multinomial(n_batches, weights / weights.sum()).astype(np.int64)
         rows = counts * bs
         short = total - (n_batches - 1) * bs
@@ -476,13 +476,13 @@ class ClassSampler(_LabelledSampler):
         k = np.arange(len(load_class), dtype=np.int64) - np.repeat(np.cumsum(n_loads) - n_loads, n_loads)
         load_size = np.minimum(self._load_rows, class_rows[load_class] - k * self._load_rows)
         order = (
-            self._rng(_ORDER_STREAM).permutation(len(load_size))
+            self._stream_rng(_ORDER_STREAM).permutation(len(load_size))
             if self._shuffle
             else np.arange(len(load_size))
         )
         return chunks, class_rows, load_size, order
 
-    def n_iters(self, n_obs: int) -> int:
+    def n_batches(self, n_obs: int) -> int:
         """Number of mini-batches :meth:`sample` yields for the current epoch and worker.
 
         Parameters
@@ -501,7 +501,7 @@ class ClassSampler(_LabelledSampler):
 
     def _streams(self, chunks: _Chunks, class_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pieces (starts, stops) of all loads, in load order as in :meth:`_plan`, with piece offsets per load."""
-        rng = self._rng(_CHUNKS_STREAM)
+        rng = self._stream_rng(_CHUNKS_STREAM)
         starts, stops, loads = [], [], []
         n_loads_before = 0
         for c in np.flatnonzero(class_rows > 0):
@@ -537,7 +537,7 @@ class ClassSampler(_LabelledSampler):
             got += int(lengths[ids].sum())
         return np.concatenate(drawn)
 
-    def sample(self, n_obs: int) -> Iterator[LoadRequest]:
+    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
         """Yield this worker's load requests for the current epoch.
 
         Parameters
@@ -555,7 +555,7 @@ class ClassSampler(_LabelledSampler):
         if len(order) == 0:  # drop_last dropped every row
             return
         pieces, ptr = self._streams(chunks, class_rows)
-        worker_rng = self._rng(_WORKER_STREAM, self._worker_id)
+        worker_rng = self._stream_rng(_WORKER_STREAM, self._worker_id)
         bs = self._batch_size
         for load in order[self._worker_id :: self._num_workers]:
             lo, hi = int(ptr[load]), int(ptr[load + 1])

@@ -4,19 +4,42 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal
 
 from annbatch.abc import Sampler
 from annbatch.samplers._stream import _counts, _deal, _remaining, _self_contained, _truncated
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Iterator, Sequence
+
+    import numpy as np
 
     from annbatch.types import LoadRequest
 
 __all__ = ["DistributedSampler"]
 
 _CACHED_EPOCHS = 4  # batch counts kept per sampler (the current epoch and a few neighbours)
+
+
+def _torch_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "DistributedSampler(dist_info='torch') needs an initialised torch.distributed: call "
+            "torch.distributed.init_process_group() first (Lightning does it when the Trainer starts)"
+        )
+    return int(dist.get_rank()), int(dist.get_world_size())
+
+
+def _jax_rank_world() -> tuple[int, int]:
+    import jax
+
+    return int(jax.process_index()), int(jax.process_count())
+
+
+_BACKENDS: dict[str, Callable[[], tuple[int, int]]] = {"torch": _torch_rank_world, "jax": _jax_rank_world}
 
 
 def _detect_rank_world() -> tuple[int, int]:
@@ -64,6 +87,16 @@ class DistributedSampler(Sampler):
         Truncate so that every rank yields the same number of mini-batches (the smallest over
         ranks and workers), which keeps collective operations in step. Every rank must use the
         same sampler settings, seed included.
+    dist_info
+        Where rank and world size come from, as in the scverse ``annbatch`` API: ``"torch"`` (an
+        initialised ``torch.distributed``; a :class:`RuntimeError` otherwise), ``"jax"``, or a
+        callable returning ``(rank, world_size)``. Asked when the sampler is used, not when it is
+        made. Not with ``rank``, ``world_size`` or ``get_rank_world``.
+    enforce_equal_batches
+        The scverse spelling of ``equal_batches``.
+
+    :attr:`mask` and :attr:`rng` are those of the wrapped sampler: reading or setting them here
+    reads or sets them there (every rank must set the same).
     """
 
     def __init__(
@@ -73,17 +106,34 @@ class DistributedSampler(Sampler):
         rank: int | None = None,
         world_size: int | None = None,
         get_rank_world: Callable[[], tuple[int, int]] | None = None,
-        equal_batches: bool = True,
+        equal_batches: bool | None = None,
+        dist_info: Literal["torch", "jax"] | Callable[[], tuple[int, int]] | None = None,
+        enforce_equal_batches: bool | None = None,
     ) -> None:
         if not isinstance(sampler, Sampler) or isinstance(sampler, DistributedSampler):
             raise TypeError(
                 f"sampler must be an annbatch.abc.Sampler (not itself distributed), got {type(sampler).__name__}"
             )
+        if dist_info is not None:
+            if rank is not None or world_size is not None or get_rank_world is not None:
+                raise ValueError("give dist_info or rank/world_size/get_rank_world, not both")
+            if isinstance(dist_info, str):
+                if dist_info not in _BACKENDS:
+                    raise ValueError(f"dist_info must be 'torch', 'jax' or a callable, got {dist_info!r}")
+                get_rank_world = _BACKENDS[dist_info]
+            elif callable(dist_info):
+                get_rank_world = dist_info
+            else:
+                raise ValueError(f"dist_info must be 'torch', 'jax' or a callable, got {dist_info!r}")
+        if enforce_equal_batches is not None:
+            if equal_batches is not None and bool(equal_batches) != bool(enforce_equal_batches):
+                raise ValueError("equal_batches and enforce_equal_batches disagree; give one of them")
+            equal_batches = enforce_equal_batches
         self._sampler = sampler
         self._rank = rank
         self._world_size = world_size
         self._get_rank_world = get_rank_world
-        self._equal_batches = bool(equal_batches)
+        self._equal_batches = True if equal_batches is None else bool(equal_batches)
         self._history: tuple[tuple[int, int], ...] = ()
         self._count_cache: dict[tuple, list[int]] = {}
         # fail early on explicit values; detected ones are checked when used
@@ -136,6 +186,31 @@ class DistributedSampler(Sampler):
     def batch_size(self) -> int | None:
         """Rows per mini-batch."""
         return self._sampler.batch_size
+
+    @property
+    def replacement(self) -> bool:
+        """Whether the wrapped sampler draws with replacement."""
+        return bool(getattr(self._sampler, "replacement", False))
+
+    @property
+    def mask(self) -> slice:
+        """The wrapped sampler's mask (settable)."""
+        return self._sampler.mask
+
+    @mask.setter
+    def mask(self, value: slice | None) -> None:
+        self._sampler.mask = value
+        self._count_cache = {}
+
+    @property
+    def rng(self) -> np.random.Generator | None:
+        """The wrapped sampler's generator (settable)."""
+        return self._sampler.rng
+
+    @rng.setter
+    def rng(self, value: np.random.Generator | None) -> None:
+        self._sampler.rng = value
+        self._count_cache = {}
 
     @property
     def shuffle(self) -> bool:
@@ -198,12 +273,20 @@ class DistributedSampler(Sampler):
         The cache is one dict shared by this sampler and its shallow copies (the loader copies its
         sampler for every ``len()`` and iteration), so an epoch is counted once, not once per copy.
         """
-        key = (n_obs, self._epoch, self._share()[1])
+        inner_mask = self._sampler.mask  # the wrapped sampler may have been changed since
+        key = (
+            n_obs,
+            self._epoch,
+            self._share()[1],
+            inner_mask.start,
+            inner_mask.stop,
+            getattr(self._sampler, "seed", None),
+        )
         cache = self._count_cache
         if key not in cache:
             if len(cache) >= _CACHED_EPOCHS:
                 cache.clear()
-            cache[key] = _counts(self._global(n_obs), key[-1])
+            cache[key] = _counts(self._global(n_obs), key[2])
         return cache[key]
 
     def validate(self, n_obs: int) -> None:
@@ -217,7 +300,7 @@ class DistributedSampler(Sampler):
         self._sampler.validate(n_obs)
         self.rank_world()
 
-    def n_iters(self, n_obs: int) -> int:
+    def n_batches(self, n_obs: int) -> int:
         """Number of mini-batches this rank's current worker yields.
 
         Parameters
@@ -234,7 +317,7 @@ class DistributedSampler(Sampler):
         counts = self._all_counts(n_obs)
         return min(counts) if self._equal_batches else counts[self._share()[0]]
 
-    def sample(self, n_obs: int) -> Iterator[LoadRequest]:
+    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
         """Yield this rank's (and worker's) load requests for the current epoch.
 
         Parameters
@@ -247,6 +330,6 @@ class DistributedSampler(Sampler):
         LoadRequest
             The loads dealt to this share, cut short where ``equal_batches`` demands.
         """
-        n = self.n_iters(n_obs)
+        n = self.n_batches(n_obs)
         share, n_shares = self._share()
         yield from _truncated(_deal(self._global(n_obs), share, n_shares), n)

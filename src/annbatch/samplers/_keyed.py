@@ -15,7 +15,7 @@ import pandas as pd
 
 from annbatch.abc import Sampler
 from annbatch.samplers._class import ClassSampler
-from annbatch.samplers._weighted import WeightedSampler
+from annbatch.samplers._weighted import WeightedClassSampler
 
 KEY_SAMPLERS = ("homogeneous", "balanced")
 
@@ -65,8 +65,8 @@ class KeySamplerSpec:
                 drop_last=self.drop_last, rng=self.rng, seed=self.seed,
             )  # fmt: skip
         # weighted draws are random by nature: no `shuffle`
-        return WeightedSampler(
+        return WeightedClassSampler(
             classes, self.batch_size, self.chunk_size, self.preload_nchunks,
-            weights="balanced" if self.class_weights is None else self.class_weights,
+            class_weights=self.class_weights,
             num_samples=self.num_samples, drop_last=self.drop_last, rng=self.rng, seed=self.seed,
         )  # fmt: skip

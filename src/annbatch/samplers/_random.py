@@ -156,7 +156,7 @@ class RandomSampler(_ChunkedSampler):
         """Order of all chunks for this epoch, identical in every worker."""
         if not self._shuffle:
             return np.arange(n_chunks)
-        rng = self._rng(_EPOCH_STREAM)
+        rng = self._stream_rng(_EPOCH_STREAM)
         order = rng.permutation(n_chunks - 1)
         # The last chunk may be short. It goes to a slot dealt to the worker that the last slot goes
         # to, so each worker's row count stays independent of the seed (see _worker_rows): the very
@@ -180,7 +180,7 @@ class RandomSampler(_ChunkedSampler):
             rows += int(np.where(ids == n_chunks - 1, last_len, self._chunk_size).sum())
         return np.concatenate(drawn)
 
-    def sample(self, n_obs: int) -> Iterator[LoadRequest]:
+    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
         """Yield this worker's load requests for the current epoch.
 
         Parameters
@@ -194,8 +194,7 @@ class RandomSampler(_ChunkedSampler):
             ``requests`` is a list of slices (one per run of contiguous chunks); every request
             has at least one split.
         """
-        self.validate(n_obs)
-        worker_rng = self._rng(_WORKER_STREAM, self._worker_id)
+        worker_rng = self._stream_rng(_WORKER_STREAM, self._worker_id)
         chunks = self._worker_chunks(n_obs, worker_rng)
         yield from self._load_requests(chunks, worker_rng if self._shuffle else None)
 

@@ -46,6 +46,8 @@ class SubsetSampler(_ChunkedSampler):
         Drop the final partial batch of the epoch (per worker).
     rng, seed
         Randomness, as for :class:`RandomSampler`; give at most one.
+
+    Setting :attr:`mask` restricts the subset further to the rows in that range.
     """
 
     def __init__(
@@ -73,7 +75,7 @@ class SubsetSampler(_ChunkedSampler):
         if self._selected[0] < 0:
             raise ValueError(f"rows must be non-negative row numbers, got {self._selected[0]}")
         self._shuffle = bool(shuffle)
-        self._chunks: tuple[np.ndarray, np.ndarray] | None = None
+        self._chunks: tuple[tuple[int, int], np.ndarray, np.ndarray] | None = None
         super().__init__(
             batch_size, chunk_size, preload_nchunks, mask=None, num_samples=None, drop_last=drop_last,
             rng=rng, seed=seed,
@@ -104,20 +106,24 @@ class SubsetSampler(_ChunkedSampler):
     def _worker_chunks(self, n_obs: int) -> list[slice]:
         """Chunks of the current worker in reading order: the epoch's chunk order dealt round-robin."""
         self.validate(n_obs)
-        if self._chunks is None:  # the same every epoch: found once
-            codes = np.full(int(self._selected[-1]) + 1, -1, dtype=np.int8)
-            codes[self._selected] = 0
+        bounds = self._bounds(n_obs)
+        if self._chunks is None or self._chunks[0] != bounds:  # the same every epoch: found once per mask
+            selected = self._selected[(self._selected >= bounds[0]) & (self._selected < bounds[1])]
+            if not len(selected):
+                raise ValueError(f"mask {self.mask} holds none of the selected rows; widen the mask")
+            codes = np.full(int(selected[-1]) + 1, -1, dtype=np.int8)
+            codes[selected] = 0
             chunks = _build_chunks(codes, 0, len(codes), self._chunk_size, 1)
-            self._chunks = (chunks.start, chunks.length)
-        all_starts, all_lengths = self._chunks
+            self._chunks = (bounds, chunks.start, chunks.length)
+        _, all_starts, all_lengths = self._chunks
         order = np.arange(len(all_starts))
         if self._shuffle:
-            order = self._rng(_ORDER_STREAM).permutation(order)
+            order = self._stream_rng(_ORDER_STREAM).permutation(order)
         order = order[self._worker_id :: self._num_workers]
         starts, lengths = all_starts[order], all_lengths[order]
         return [slice(int(a), int(a + n)) for a, n in zip(starts, lengths, strict=True)]
 
-    def n_iters(self, n_obs: int) -> int:
+    def n_batches(self, n_obs: int) -> int:
         """Number of mini-batches :meth:`sample` yields for the current epoch and worker.
 
         Parameters
@@ -133,7 +139,7 @@ class SubsetSampler(_ChunkedSampler):
         rows = sum(s.stop - s.start for s in self._worker_chunks(n_obs))
         return _n_batches(rows, self._batch_size, self._drop_last)
 
-    def sample(self, n_obs: int) -> Iterator[LoadRequest]:
+    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
         """Yield this worker's load requests for the current epoch.
 
         Parameters
@@ -147,5 +153,5 @@ class SubsetSampler(_ChunkedSampler):
             Requests reading runs of selected rows.
         """
         chunks = self._worker_chunks(n_obs)
-        rng = self._rng(_WORKER_STREAM, self._worker_id) if self._shuffle else None
+        rng = self._stream_rng(_WORKER_STREAM, self._worker_id) if self._shuffle else None
         yield from self._load_requests(chunks, rng)

@@ -1,4 +1,8 @@
-"""Balanced or weighted sampling over the values of a key, read in chunks (:class:`WeightedSampler`)."""
+"""Balanced or weighted sampling over the values of a key, read in chunks.
+
+:class:`WeightedSampler` takes ``weights``; :class:`WeightedClassSampler` is the same sampling with the
+scverse ``annbatch`` name and parameter (``class_weights``).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ if TYPE_CHECKING:
 
     from annbatch.types import LoadRequest
 
-__all__ = ["WeightedSampler"]
+__all__ = ["WeightedClassSampler", "WeightedSampler"]
 
 
 class WeightedSampler(_LabelledSampler):
@@ -119,11 +123,12 @@ class WeightedSampler(_LabelledSampler):
         if isinstance(weights, str):
             if weights != "balanced":
                 raise ValueError(
-                    f'weights must be "balanced", a mapping label -> weight or a sequence, got {weights!r}'
+                    f'{self._weights_name()} must be "balanced", a mapping label -> weight or a sequence, '
+                    f"got {weights!r}"
                 )
             self._given: np.ndarray | None = None
         else:
-            self._given = _resolve_weights(weights, self._categories, "weights")
+            self._given = _resolve_weights(weights, self._categories, self._weights_name())
 
     def __repr__(self) -> str:
         return (
@@ -135,6 +140,11 @@ class WeightedSampler(_LabelledSampler):
     @property
     def shuffle(self) -> bool:
         """Always ``True``: rows are drawn at random."""
+        return True
+
+    @property
+    def replacement(self) -> bool:
+        """Always ``True``: chunks are drawn with replacement."""
         return True
 
     @property
@@ -193,7 +203,7 @@ class WeightedSampler(_LabelledSampler):
         ids = np.concatenate(drawn)
         return _take_rows(chunks.start[ids], chunks.length[ids], budget)
 
-    def sample(self, n_obs: int) -> Iterator[LoadRequest]:
+    def _sample(self, n_obs: int) -> Iterator[LoadRequest]:
         """Yield this worker's load requests for the current epoch.
 
         Parameters
@@ -207,9 +217,88 @@ class WeightedSampler(_LabelledSampler):
             ``requests`` is a list of slices (drawn chunks, joined where one continues the
             previous); every request has at least one split; partial batches are carried.
         """
-        self.validate(n_obs)
         budget = self._worker_budget(n_obs)
         if budget == 0:
             return
-        rng = self._rng(_WORKER_STREAM, self._worker_id)
+        rng = self._stream_rng(_WORKER_STREAM, self._worker_id)
         yield from self._load_requests(self._draw_chunks(self._chunks(n_obs), budget, rng), rng)
+
+
+class WeightedClassSampler(WeightedSampler):
+    """Mini-batches whose label composition follows ``class_weights``, read in one-label chunks.
+
+    Every read is a chunk of contiguous rows of one label, as :class:`~annbatch.samplers.ClassSampler`
+    reads them, but the rows of a whole load (``preload_nchunks`` chunks of possibly different
+    labels) are shuffled together before they are cut into mini-batches. So each mini-batch mixes
+    labels, and label ``v`` makes up ``class_weights[v] / sum(class_weights)`` of the rows in
+    expectation. Chunks are drawn with replacement; see :class:`WeightedSampler` (this is the same
+    sampler, under the name and parameter of the scverse ``annbatch`` API) for how.
+
+    Parameters
+    ----------
+    classes
+        One label per row of the collection (:class:`pandas.Categorical`, :class:`pandas.Series`
+        or 1-D array); missing values are never sampled.
+    batch_size
+        Rows per mini-batch.
+    chunk_size
+        Most contiguous rows per read.
+    preload_nchunks
+        Chunks per load, shuffled together.
+    class_weights
+        A mapping label -> weight (labels left out are never drawn) or a sequence aligned with
+        the categories; ``None`` (default) gives every label with rows the same share.
+    num_samples
+        Rows per epoch; default the number of labelled rows in the mask.
+    mask
+        Contiguous range of rows to sample from; default all rows.
+    drop_last
+        Drop the final partial batch of the epoch (per worker).
+    rng, seed
+        Randomness, as for :class:`~annbatch.samplers.RandomSampler`; give at most one.
+
+    Examples
+    --------
+    .. code-block:: python
+
+        import pandas as pd
+
+        from annbatch.samplers import WeightedClassSampler
+
+        cell_type = pd.Categorical(["T"] * 800 + ["B"] * 200)
+        sampler = WeightedClassSampler(
+            cell_type, batch_size=64, chunk_size=32, preload_nchunks=8, class_weights={"T": 1, "B": 1}, seed=0
+        )
+        # each batch holds about as many B cells as T cells
+    """
+
+    def __init__(
+        self,
+        classes: pd.Categorical | pd.Series | np.ndarray,
+        batch_size: int,
+        chunk_size: int,
+        preload_nchunks: int,
+        *,
+        class_weights: Mapping[Any, float] | Sequence[float] | None = None,
+        num_samples: int | None = None,
+        mask: slice | None = None,
+        drop_last: bool = False,
+        rng: np.random.Generator | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            classes, batch_size, chunk_size, preload_nchunks,
+            weights="balanced" if class_weights is None else class_weights,
+            num_samples=num_samples, mask=mask, drop_last=drop_last, rng=rng, seed=seed,
+        )  # fmt: skip
+
+    def __repr__(self) -> str:
+        return super().__repr__().replace("weights=", "class_weights=", 1)
+
+    @property
+    def class_weights(self) -> np.ndarray | None:
+        """Weights aligned with :attr:`categories` as given; ``None`` for equal shares."""
+        return self.weights
+
+    def _weights_name(self) -> str:
+        return "class_weights"
