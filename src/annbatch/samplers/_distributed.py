@@ -70,6 +70,9 @@ class DistributedSampler(Sampler):
     Inside :class:`torch.utils.data.DataLoader` workers, every worker of every rank takes its own
     share (``world_size * num_workers`` shares in all).
 
+    :attr:`mask` and :attr:`rng` are those of the wrapped sampler: reading or setting them here
+    reads or sets them there (every rank must set the same).
+
     Parameters
     ----------
     sampler
@@ -95,8 +98,6 @@ class DistributedSampler(Sampler):
     enforce_equal_batches
         The scverse spelling of ``equal_batches``.
 
-    :attr:`mask` and :attr:`rng` are those of the wrapped sampler: reading or setting them here
-    reads or sets them there (every rank must set the same).
     """
 
     def __init__(

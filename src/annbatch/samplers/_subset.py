@@ -28,7 +28,8 @@ class SubsetSampler(_ChunkedSampler):
     chunks of at most ``chunk_size`` rows. Chunks are read in random order, ``preload_nchunks`` per
     load, and rows are permuted within each load. Reads stay contiguous wherever the subset is: a
     subset of whole donors on a collection converted with ``groupby="donor"`` reads as fast as
-    :class:`RandomSampler`; a scattered subset reads many short runs.
+    :class:`RandomSampler`; a scattered subset reads many short runs. Setting :attr:`mask`
+    restricts the subset further to the rows in that range.
 
     Parameters
     ----------
@@ -46,8 +47,6 @@ class SubsetSampler(_ChunkedSampler):
         Drop the final partial batch of the epoch (per worker).
     rng, seed
         Randomness, as for :class:`RandomSampler`; give at most one.
-
-    Setting :attr:`mask` restricts the subset further to the rows in that range.
     """
 
     def __init__(
