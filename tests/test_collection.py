@@ -384,6 +384,33 @@ def test_var_merge_same_three_inputs(tmp_path):
     assert list(coll.var["sym"]) == ["G0", "G1"]
 
 
+def test_var_merge_strategies_of_anndata_concat(tmp_path):
+    """`merge` follows anndata.concat: "same" needs a column in every input, "unique" in any, "only" in one."""
+    a = _with_var(["g0", "g1", "g2"], [True, False, True], "a")
+    b = _with_var(["g1", "g2", "g3"], [True, True, False], "b")  # flag of g1 disagrees
+    a.var["only_a"] = [1.0, 2.0, 3.0]  # in one input only
+    b.var["only_b"] = ["x", "y", "z"]
+    merged = {
+        merge: Collection(tmp_path / f"{merge}.zarr").add_adatas([a, b], merge=merge, **FEW).var
+        for merge in ("same", "unique", "first", "only")
+    }
+    assert list(merged["same"].columns) == ["sym"]  # in both inputs, agreeing
+    assert sorted(merged["unique"].columns) == ["only_a", "only_b", "sym"]  # agreeing, in any input
+    assert sorted(merged["first"].columns) == ["flag", "only_a", "only_b", "sym"]
+    assert sorted(merged["only"].columns) == ["only_a", "only_b"]  # in exactly one input
+    for var in merged.values():
+        assert list(var.index) == ["g0", "g1", "g2", "g3"]
+    for merge in ("unique", "first", "only"):
+        np.testing.assert_array_equal(merged[merge]["only_a"], [1.0, 2.0, 3.0, np.nan])
+        assert merged[merge]["only_b"].tolist()[1:] == ["x", "y", "z"]
+        assert pd.isna(merged[merge]["only_b"].iloc[0])
+    assert list(merged["unique"]["sym"]) == ["G0", "G1", "G2", "G3"]
+    assert merged["first"]["flag"].astype(str).tolist() == ["True", "False", "True", "False"]
+    with pytest.raises(ValueError, match="'same', 'unique', 'first' or 'only'"):
+        Collection(tmp_path / "bad.zarr").add_adatas([a, b], merge="union", **FEW)
+    assert_nothing_written(tmp_path / "bad.zarr")
+
+
 def test_obs_names_made_unique(tmp_path):
     a = make_adata(200, 30, seed=1)
     b = make_adata(150, 30, seed=2)  # same names cell_0 … cell_149

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import anndata as ad
 import h5py
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import zarr
 from zarr.core.sync import sync
@@ -37,6 +38,7 @@ class Backing:
     data: Any = None  # csr: values
     indices: Any = None  # csr: column indices (any integer dtype)
     indptr: np.ndarray | None = None  # csr: row pointers, always in memory (int64)
+    origin: type | None = None  # the type of the data it reads (what Loader.dataset_type reports)
 
     @property
     def n_obs(self) -> int:
@@ -57,7 +59,8 @@ def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str, complete: boo
     """
     with zarrs_pipeline():  # arrays pick their codec pipeline when opened
         if isinstance(elem, zarr.Array):
-            return Backing("dense", tuple(elem.shape), np.dtype(elem.dtype), array=_fastest(elem, complete))
+            return Backing("dense", tuple(elem.shape), np.dtype(elem.dtype), array=_fastest(elem, complete),
+                           origin=zarr.Array)  # fmt: skip
         encoding = elem.attrs.get("encoding-type")
         if encoding != "csr_matrix":
             raise BackingError(
@@ -68,7 +71,8 @@ def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str, complete: boo
         data = _fastest(child_array(elem, "data"), complete)
         indices = _fastest(child_array(elem, "indices"), complete)
         indptr = np.asarray(child_array(elem, "indptr")[...], dtype=np.int64)
-        return Backing("csr", shape, np.dtype(data.dtype), data=data, indices=indices, indptr=indptr)
+        return Backing("csr", shape, np.dtype(data.dtype), data=data, indices=indices, indptr=indptr,
+                       origin=type(ad.io.sparse_dataset(elem)))  # fmt: skip
 
 
 def _fastest(arr: zarr.Array, complete: bool) -> zarr.Array | ShardedReader:
@@ -100,6 +104,13 @@ def _check_all_shards_stored(arr: zarr.Array) -> None:
 
 def backing_from_memory(value: Any, *, name: str) -> Backing:
     """A backing for an in-memory or backed matrix: numpy, scipy CSR, h5py dataset, backed CSR."""
+    backing = _backing_from_memory(value, name=name)
+    if not isinstance(value, zarr.Array | zarr.Group):  # zarr: the type the loader reads it as
+        backing.origin = type(value)
+    return backing
+
+
+def _backing_from_memory(value: Any, *, name: str) -> Backing:
     if sp.issparse(value):
         if value.format != "csr":
             raise BackingError(f"{name} is {value.format.upper()}; pass CSR (`.tocsr()`) or dense data.")
@@ -157,3 +168,36 @@ def backings_from_adatas(adatas: Sequence[ad.AnnData], *, layer: str | None = No
             backing_from_memory(x, name=f"X of AnnData #{i}" if layer is None else f"layer {layer!r}")
         )
     return backings
+
+
+def shared_var(
+    var: pd.DataFrame | Sequence[pd.DataFrame] | None, backings: Sequence[Backing], *, first: int
+) -> pd.DataFrame | None:
+    """The one var DataFrame of the added datasets, given once or one per dataset, checked against them.
+
+    ``first``: the number of the first of these datasets in the loader, for messages.
+    """
+    if var is None:
+        return None
+    frames = [var] * len(backings) if isinstance(var, pd.DataFrame) else list(var)
+    if len(frames) != len(backings):
+        raise ValueError(
+            f"Got {len(backings)} datasets but {len(frames)} `var` frames; give one for all or one each."
+        )
+    for i, (frame, backing) in enumerate(zip(frames, backings, strict=True)):
+        if not isinstance(frame, pd.DataFrame):
+            raise TypeError(
+                f"`var` must be a pandas DataFrame (or one per dataset), got {type(frame).__name__}."
+            )
+        n_vars = backing.shape[1] if len(backing.shape) > 1 else 1
+        if len(frame) != n_vars:
+            raise ValueError(
+                f"`var` has {len(frame)} rows but dataset #{first + i} has {n_vars} columns; "
+                "give one row per column."
+            )
+        if not frame.index.equals(frames[0].index):
+            raise ValueError(
+                f"`var` of dataset #{first + i} has other var names than that of dataset #{first}; "
+                "give one var space."
+            )
+    return frames[0] if frames else None

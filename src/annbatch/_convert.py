@@ -34,6 +34,19 @@ def check_target(to: Target) -> Target:
     return to
 
 
+def target_from_to_torch(to_torch: bool, to: Target) -> Target:
+    """``to`` for the deprecated ``to_torch``, warning, and refusing a ``to`` that contradicts it."""
+    if not isinstance(to_torch, bool):
+        raise TypeError(f"`to_torch` must be True or False, got {to_torch!r}; better, pass `to=`.")
+    replacement: Target = "torch" if to_torch else None
+    if (to_torch and to not in (None, "torch")) or (not to_torch and to == "torch"):
+        raise ValueError(f"`to_torch={to_torch}` contradicts `to={to!r}`: give `to` only.")
+    warnings.warn(
+        f"`to_torch` is deprecated; pass `to={replacement!r}` instead.", FutureWarning, stacklevel=3
+    )
+    return to if to is not None else replacement
+
+
 def _scipy_csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape, cls=sp.csr_matrix):
     # A batch is a slice of its load's buffer; scipy's constructor copies arrays that are small views
     # of a larger base ("pruning"), so the arrays are attached after building an empty matrix.

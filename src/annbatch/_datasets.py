@@ -21,6 +21,7 @@ from pathlib import Path
 import anndata as ad
 import pandas as pd
 import zarr
+from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
@@ -60,6 +61,7 @@ class Datasets:
 
     _group: zarr.Group
     _label: str
+    _writable: bool = False  # whether iteration yields writable groups (a collection opened for writing)
 
     @property
     def group(self) -> zarr.Group:
@@ -77,10 +79,30 @@ class Datasets:
         return len(self.dataset_keys)
 
     def __iter__(self) -> Iterator[zarr.Group]:
-        """The datasets' zarr groups (each a complete AnnData store), in order."""
+        """The datasets' zarr groups (each a complete AnnData store), in order.
+
+        Writable when the collection was opened for writing (``mode`` ``"a"``, ``"r+"`` or ``"w-"``),
+        read-only with ``mode="r"``. A dataset can then be edited in place, e.g.
+        ``ad.io.write_elem(g, "X", ad.io.read_elem(g["X"]).astype("float64"))``, keeping its rows and
+        var. A writable group is opened without consolidated metadata, which is first removed from the
+        dataset: anndata cannot edit a consolidated store, and the consolidated copy would describe the
+        dataset as it was before the edit. Readers then read each element's own metadata.
+
+        An edit is not a new dataset version: build loaders after editing. A loader built before reads
+        the layout it found and is not warned (unlike after an append); do not edit while one reads.
+        """
+        yield from self._open_datasets(writable=self._writable)
+
+    def _open_datasets(self, *, writable: bool = False) -> Iterator[zarr.Group]:
+        """The datasets' groups, read-only unless ``writable``: what annbatch itself reads through."""
         with zarrs_pipeline():
             for key in self.dataset_keys:
-                yield zarr.open_group(self._group.store, path=self._child(key), mode="r")
+                path = self._child(key)
+                if writable:
+                    drop_consolidated(self._group.store, path)
+                    yield zarr.open_group(self._group.store, path=path, mode="r+", use_consolidated=False)
+                else:
+                    yield zarr.open_group(self._group.store, path=path, mode="r")
 
     @property
     def is_empty(self) -> bool:
@@ -92,7 +114,7 @@ class Datasets:
 
     def _dataset_shapes(self) -> list[tuple[int, int]]:
         shapes = []
-        for g in self:
+        for g in self._open_datasets():
             x = g["X"]
             n_obs, n_vars = list_attr(x, "shape") if isinstance(x, zarr.Group) else x.shape[:2]
             shapes.append((int(n_obs), int(n_vars)))
@@ -113,7 +135,7 @@ class Datasets:
     def var(self) -> pd.DataFrame:
         """The shared var DataFrame."""
         self._require_datasets()
-        return ad.io.read_elem(next(iter(self))["var"])
+        return ad.io.read_elem(next(self._open_datasets())["var"])
 
     def obs(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
         """Obs of all datasets, concatenated in collection order, reading only the requested columns.
@@ -125,7 +147,7 @@ class Datasets:
         """
         self._require_datasets()
         frames = []
-        for g in self:
+        for g in self._open_datasets():
             obs_group = child_group(g, "obs")
             available = [str(c) for c in list_attr(obs_group, "column-order")]
             wanted = available if columns is None else list(columns)
@@ -160,7 +182,7 @@ class Datasets:
         if self.is_empty:
             return f"Collection({self._label!r}): empty"
         shapes = self._dataset_shapes()
-        first = next(iter(self))
+        first = next(self._open_datasets())
         x = first["X"]
         kind, dtype = (
             ("csr", child_array(x, "data").dtype) if isinstance(x, zarr.Group) else ("dense", x.dtype)
@@ -220,8 +242,10 @@ def read_versions(group: zarr.Group) -> dict[str, int]:
 
 def _root_metadata(group: zarr.Group) -> bytes | None:
     """The group's ``zarr.json`` as stored now; read straight from the file on a local disk (~20x faster)."""
-    key = f"{group.path}/zarr.json" if group.path else "zarr.json"
-    store = group.store
+    return _read_key(group.store, f"{group.path}/zarr.json" if group.path else "zarr.json")
+
+
+def _read_key(store: Store, key: str) -> bytes | None:
     if isinstance(store, LocalStore):
         try:
             return (Path(store.root) / key).read_bytes()
@@ -229,6 +253,29 @@ def _root_metadata(group: zarr.Group) -> bytes | None:
             return None
     buf = sync(store.get(key, prototype=default_buffer_prototype()))
     return None if buf is None else buf.to_bytes()
+
+
+def drop_consolidated(store: Store, path: str) -> None:
+    """Remove the consolidated metadata of the group at ``path``, if it has any, before it is edited."""
+    key = f"{path}/zarr.json" if path else "zarr.json"
+    raw = _read_key(store, key)
+    if raw is None:
+        return
+    meta = json.loads(raw)
+    if meta.get("consolidated_metadata") is None:
+        return
+    del meta["consolidated_metadata"]
+    buffer = default_buffer_prototype().buffer.from_bytes(json.dumps(meta, indent=2).encode())
+    sync(store.set(key, buffer))
+
+
+def as_written(group: zarr.Group) -> bool:
+    """Whether a dataset is as annbatch wrote it: never opened for editing, so its metadata is consolidated.
+
+    annbatch writes every shard of its arrays, so there a missing shard is damage; an edited dataset may
+    hold arrays written by others, whose chunks of fill values are not stored.
+    """
+    return group.metadata.consolidated_metadata is not None
 
 
 def _versions_in(raw: bytes | None) -> dict[str, int]:

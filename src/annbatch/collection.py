@@ -5,19 +5,20 @@ from __future__ import annotations
 import numbers
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import zarr
+from zarr.abc.codec import BytesBytesCodec
 
 from annbatch._convert import Target
 from annbatch._datasets import ENCODING, Datasets, check_version
 from annbatch._lock import STALE_AFTER, LockHeld, WriteLock, describe
 from annbatch._staging import Staging
 from annbatch.abc import Sampler
-from annbatch.errors import CollectionError, CollectionLockedError
+from annbatch.errors import CollectionError, CollectionLockedError, rename_parameters
 from annbatch.preshuffle import add_adatas as _add_adatas
 from annbatch.preshuffle._inputs import InputLike, LoadAdata
 from annbatch.writer import CompressorsLike
@@ -38,6 +39,54 @@ def _locked_error(label: str, err: LockHeld) -> CollectionLockedError:
     )
 
 
+_Location = str | os.PathLike | zarr.Group
+_Inputs = Iterable[InputLike] | InputLike
+
+
+def _one_location(path_or_group: _Location | None, group: _Location | None) -> _Location:
+    """The collection's path or group, given as ``path_or_group`` or by its scverse name ``group``."""
+    if path_or_group is not None and group is not None:
+        raise TypeError("Give the collection as `path_or_group` or as `group` (its scverse name), not both.")
+    if path_or_group is not None:
+        return path_or_group
+    if group is not None:
+        return group
+    raise TypeError("Give the collection's path or zarr group, e.g. `Collection('cells.zarr')`.")
+
+
+def _one_of(inputs: _Inputs | None, adata_paths: _Inputs | None) -> _Inputs:
+    """The inputs to convert, given as ``inputs`` or by their scverse name ``adata_paths``."""
+    if inputs is not None and adata_paths is not None:
+        raise TypeError("Give the inputs as `inputs` or as `adata_paths` (its scverse name), not both.")
+    if inputs is not None:
+        return inputs
+    if adata_paths is not None:
+        return adata_paths
+    raise TypeError("Give the inputs to convert, e.g. `add_adatas(['a.h5ad', 'b.h5ad'])`.")
+
+
+def _zarr_compressor(
+    zarr_compressor: Iterable[BytesBytesCodec] | BytesBytesCodec, compressors: CompressorsLike
+) -> tuple[BytesBytesCodec, ...]:
+    """``compressors`` given by its scverse name: zarr bytes-to-bytes codec(s), checked."""
+    if not (isinstance(compressors, str) and compressors == "auto"):
+        raise ValueError("Give `compressors` or `zarr_compressor` (its scverse name), not both.")
+    codecs = (zarr_compressor,) if isinstance(zarr_compressor, BytesBytesCodec) else tuple(zarr_compressor)
+    wrong = [type(c).__name__ for c in codecs if not isinstance(c, BytesBytesCodec)]
+    if wrong:
+        raise TypeError(
+            "`zarr_compressor` must be zarr bytes-to-bytes codecs, e.g. "
+            f"`(zarr.codecs.BloscCodec(cname='lz4'),)`; got {', '.join(wrong)}."
+        )
+    return codecs
+
+
+def _respell(err: BaseException, spelled: Mapping[str, str]) -> None:
+    """Have ``err``'s message name the parameters as the caller spelled them (``spelled``: ours -> theirs)."""
+    if spelled and err.args and isinstance(err.args[0], str):
+        err.args = (rename_parameters(err.args[0], spelled, flags=False), *err.args[1:])
+
+
 class Collection(Datasets):
     """A preshuffled collection of AnnData datasets stored as sharded zarr v3.
 
@@ -53,7 +102,15 @@ class Collection(Datasets):
         A path (created if missing, unless ``mode="r"``) or an open :class:`zarr.Group`.
     mode
         ``"r"``: read only, must exist; ``"r+"``: must exist; ``"a"``: open or create;
-        ``"w-"``: create, fail if it exists.
+        ``"w-"``: create, fail if it exists. Iterating the collection yields writable dataset groups
+        unless ``mode="r"`` (see :meth:`__iter__`).
+    group
+        The scverse ``annbatch`` name of ``path_or_group``; give one of them.
+    is_collection_h5ad
+        Accepted for the scverse ``annbatch`` API, where ``True`` opens a collection of ``.h5ad``
+        files. annbatch stores collections in zarr only: ``True`` raises :class:`CollectionError`.
+        Convert the files into a zarr collection instead, e.g.
+        ``Collection("cells.zarr").add_adatas(["a.h5ad", "b.h5ad"])``.
 
     Examples
     --------
@@ -62,8 +119,20 @@ class Collection(Datasets):
     """
 
     def __init__(
-        self, path_or_group: str | os.PathLike | zarr.Group, mode: Literal["r", "r+", "a", "w-"] = "a"
+        self,
+        path_or_group: _Location | None = None,
+        mode: Literal["r", "r+", "a", "w-"] = "a",
+        *,
+        group: _Location | None = None,
+        is_collection_h5ad: bool = False,
     ):
+        if is_collection_h5ad:
+            raise CollectionError(
+                "`is_collection_h5ad=True`: annbatch collections are zarr stores; h5ad-backed collections "
+                "are not supported. Convert the .h5ad files into a zarr collection instead, e.g. "
+                "`Collection('cells.zarr').add_adatas(['a.h5ad', 'b.h5ad'])`."
+            )
+        path_or_group = _one_location(path_or_group, group)
         if mode not in ("r", "r+", "a", "w-"):
             raise ValueError(f"`mode` must be one of 'r', 'r+', 'a', 'w-', got {mode!r}.")
         self._mode = mode
@@ -101,6 +170,7 @@ class Collection(Datasets):
                     exists = True
                     self._group = zarr.open_group(path, mode="a", zarr_format=3)
             self._check_or_init(exists=exists)
+        self._writable = mode != "r" and not self._group.store.read_only
 
     def _check_or_init(self, *, exists: bool) -> None:
         attrs = dict(self._group.attrs)
@@ -126,8 +196,9 @@ class Collection(Datasets):
     # -- writing ---------------------------------------------------------------------------------------------
     def add_adatas(
         self,
-        inputs: Sequence[InputLike] | InputLike,
+        inputs: _Inputs | None = None,
         *,
+        adata_paths: _Inputs | None = None,
         shuffle: bool = True,
         seed: int | None = None,
         rng: np.random.Generator | None = None,
@@ -136,12 +207,14 @@ class Collection(Datasets):
         groupby: Sequence[str] | str | None = None,
         var_subset: Sequence[str] | None = None,
         join: Literal["outer", "inner"] = "outer",
-        merge: Literal["same", "first"] | None = None,
+        merge: Literal["same", "unique", "first", "only"] | None = None,
         load_adata: LoadAdata | None = None,
         memory_limit: str | int | None = None,
         n_obs_per_chunk: int = 32,
         shard_size: str | int = "1GB",
         compressors: CompressorsLike = "auto",
+        zarr_compressor: Iterable[BytesBytesCodec] | BytesBytesCodec | None = None,
+        h5ad_compressor: Literal["gzip", "lzf"] | None = None,
         progress: bool = True,
         lock_timeout: float = 10.0,
     ) -> Collection:
@@ -157,7 +230,10 @@ class Collection(Datasets):
         Parameters
         ----------
         inputs
-            Paths to ``.h5ad`` files or ``.zarr`` AnnData stores, or AnnData objects (in memory or backed).
+            Paths to ``.h5ad`` files or ``.zarr`` AnnData stores, or AnnData objects (in memory or backed):
+            one, or a list or other iterable of them.
+        adata_paths
+            The scverse ``annbatch`` name of ``inputs``; give one of them.
         shuffle
             Deal blocks at random and permute rows. ``False`` keeps the input order.
         seed, rng
@@ -176,8 +252,12 @@ class Collection(Datasets):
         join
             ``"outer"``: union of the inputs' var names (missing values are 0); ``"inner"``: intersection.
         merge
-            How to combine var columns across inputs: ``None`` (drop them), ``"same"`` (keep columns that
-            agree), ``"first"`` (first non-missing value).
+            How to combine var columns across inputs, by the strategies of :func:`anndata.concat`: ``None``
+            (drop them), ``"same"`` (columns every input has, whose values agree wherever inputs share a
+            var name), ``"unique"`` (columns whose values agree wherever inputs share a var name, however
+            many inputs have them), ``"first"`` (each column's first non-missing value) or ``"only"``
+            (columns only one input has). Values of var names an input lacks are missing. Ignored when
+            appending: the collection's var is kept.
         load_adata
             A function ``path -> AnnData`` to open each path yourself (e.g. a backed or lazy AnnData).
         memory_limit
@@ -186,6 +266,13 @@ class Collection(Datasets):
             available when the conversion starts.
         n_obs_per_chunk, shard_size, compressors
             Storage layout, see :func:`annbatch.write_sharded`.
+        zarr_compressor
+            The scverse ``annbatch`` name of ``compressors``, as zarr bytes-to-bytes codec(s), e.g.
+            ``(BloscCodec(cname="lz4", clevel=3, shuffle="shuffle"),)``; give at most one of them.
+        h5ad_compressor
+            Accepted for the scverse ``annbatch`` API, where it compresses h5ad output: ``"gzip"``,
+            ``"lzf"`` or ``None``. annbatch writes only zarr, so it has no effect; other values raise
+            :class:`ValueError`.
         progress
             Show tqdm progress bars.
         lock_timeout
@@ -200,6 +287,17 @@ class Collection(Datasets):
         if self._mode == "r":
             raise CollectionError(
                 f"{self._label!r} is open read-only (mode='r'); open it with mode='a' to add data."
+            )
+        # Our parameter names -> the scverse names the caller used: messages name what was passed.
+        spelled = {"inputs": "adata_paths"} if adata_paths is not None else {}
+        inputs = _one_of(inputs, adata_paths)
+        if zarr_compressor is not None:
+            compressors = _zarr_compressor(zarr_compressor, compressors)
+            spelled["compressors"] = "zarr_compressor"
+        if h5ad_compressor not in (None, "gzip", "lzf"):
+            raise ValueError(
+                f"`h5ad_compressor` must be 'gzip', 'lzf' or None, got {h5ad_compressor!r}; it only concerns "
+                "h5ad output, which annbatch does not write, so leave it out."
             )
         if seed is not None and rng is not None:
             raise ValueError("Give either `seed` or `rng`, not both.")
@@ -216,13 +314,17 @@ class Collection(Datasets):
             # Under the lock: staging left by a writer killed since this collection was opened is ours
             # to finish or drop now, and the datasets are listed only after the previous writer is done.
             Staging(self._group).recover()
-            _add_adatas(
-                self, inputs, shuffle=shuffle, rng=rng if rng is not None else np.random.default_rng(seed),
-                dataset_size=dataset_size, shuffle_chunk_size=shuffle_chunk_size, groupby=groupby,
-                var_subset=var_subset, join=join, merge=merge, load_adata=load_adata,
-                memory_limit=memory_limit, n_obs_per_chunk=n_obs_per_chunk, shard_size=shard_size,
-                compressors=compressors, progress=progress,
-            )  # fmt: skip
+            try:
+                _add_adatas(
+                    self, inputs, shuffle=shuffle, rng=rng if rng is not None else np.random.default_rng(seed),
+                    dataset_size=dataset_size, shuffle_chunk_size=shuffle_chunk_size, groupby=groupby,
+                    var_subset=var_subset, join=join, merge=merge, load_adata=load_adata,
+                    memory_limit=memory_limit, n_obs_per_chunk=n_obs_per_chunk, shard_size=shard_size,
+                    compressors=compressors, progress=progress,
+                )  # fmt: skip
+            except (ValueError, TypeError) as err:
+                _respell(err, spelled)
+                raise
         return self
 
     # -- reading ---------------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@ from annbatch._backing import (
     backing_from_zarr,
     backings_from_adatas,
     check_compatible,
+    shared_var,
 )
 from annbatch._buffers import BufferPool
-from annbatch._convert import Target, check_target, convert
+from annbatch._convert import Target, check_target, convert, target_from_to_torch
+from annbatch._datasets import as_written
 from annbatch._obs import BatchObs
 from annbatch._prefetch import Prefetcher
 from annbatch._resume import Progress
@@ -77,7 +79,7 @@ class Loader(_Base):
         ``preload_nchunks``, ``shuffle``, ``drop_last`` and ``rng`` are not used). Shorthands that sample
         by ``batch_key``: ``"homogeneous"`` (every batch from one key value,
         :class:`~annbatch.samplers.ClassSampler`) and ``"balanced"`` (key values drawn uniformly, or by
-        ``class_weights``, with replacement; :class:`~annbatch.samplers.WeightedSampler`); both read
+        ``class_weights``, with replacement; :class:`~annbatch.samplers.WeightedClassSampler`); both read
         contiguous runs of one value, so write the collection with ``groupby=<key>``.
     obs_columns
         obs columns to yield with every batch as a pandas DataFrame under ``"obs"``; ``None`` yields no
@@ -100,6 +102,9 @@ class Loader(_Base):
     preload_to_gpu
         Accepted for compatibility with the scverse API; GPU preloading (cupy) is not supported yet and
         ``True`` raises.
+    to_torch
+        The scverse ``annbatch`` spelling of ``to``, deprecated (a :class:`FutureWarning`): ``True`` is
+        ``to="torch"``, ``False`` is ``to=None``. Giving a ``to`` it contradicts raises.
 
     Examples
     --------
@@ -131,7 +136,10 @@ class Loader(_Base):
         num_samples: int | None = None,
         prefetch: int = 2,
         preload_to_gpu: bool = False,
+        to_torch: bool | None = None,
     ):
+        if to_torch is not None:
+            to = target_from_to_torch(to_torch, to)
         self._key_sampler = KeySamplerSpec.of(
             batch_sampler, batch_key, batch_size=batch_size, chunk_size=chunk_size, preload_nchunks=preload_nchunks,
             shuffle=shuffle, drop_last=drop_last, rng=rng, seed=seed, class_weights=class_weights,
@@ -177,17 +185,18 @@ class Loader(_Base):
             raise ValueError(f"The collection {collection!r} is empty: add data with `add_adatas` first.")
         snapshot = collection.snapshot()  # before opening anything: a commit from now on is seen
         if load_adata is not None:
-            for group in collection:
+            for group in collection._open_datasets():
                 self.add_adata(load_adata(group))
         else:
             key = "X" if layer is None else f"layers/{layer}"
-            first = next(iter(collection))
+            first = next(collection._open_datasets())
             if layer is not None and key not in first:
                 layers = sorted(child_group(first, "layers").keys()) if "layers" in first else []
                 raise KeyError(f"`layer={layer!r}`: no such layer in the collection; its layers: {layers}.")
+            # An edited dataset may hold arrays written by others, which leave chunks of fill values out.
             backings = [
-                backing_from_zarr(group[key], name=f"{group.path}/{key}", complete=True)
-                for group in collection
+                backing_from_zarr(group[key], name=f"{group.path}/{key}", complete=as_written(group))
+                for group in collection._open_datasets()
             ]
             self._obs_reader = collection.obs
             self._add_backings(backings, [None] * len(backings), var=collection.var)
@@ -204,21 +213,48 @@ class Loader(_Base):
         self._add_backings(backings, [a.obs for a in adatas], var=adatas[0].var if adatas else None)
         return self
 
-    def add_dataset(self, dataset: Any, obs: pd.DataFrame | None = None) -> Loader:
-        """Add one matrix: numpy array, scipy CSR, zarr array/CSR group, h5py dataset or backed CSR."""
-        return self.add_datasets([dataset], [obs])
+    def add_dataset(
+        self, dataset: Any, obs: pd.DataFrame | None = None, var: pd.DataFrame | None = None
+    ) -> Loader:
+        """Add one matrix: numpy array, scipy CSR, zarr array/CSR group, h5py dataset or backed CSR.
+
+        Parameters
+        ----------
+        dataset
+            The matrix, rows being observations.
+        obs
+            A DataFrame describing its rows (one row per row of ``dataset``).
+        var
+            A DataFrame describing its columns (one row per column of ``dataset``); it becomes
+            :attr:`var`, yielded with every batch. Its index must equal the var names of data added before.
+        """
+        return self.add_datasets([dataset], [obs], var=var)
 
     def add_datasets(
-        self, datasets: Sequence[Any], obs: Sequence[pd.DataFrame | None] | None = None
+        self,
+        datasets: Sequence[Any],
+        obs: Sequence[pd.DataFrame | None] | None = None,
+        var: pd.DataFrame | Sequence[pd.DataFrame] | None = None,
     ) -> Loader:
-        """Add several matrices (and optionally an obs DataFrame for each)."""
+        """Add several matrices, in order.
+
+        Parameters
+        ----------
+        datasets
+            The matrices (see :meth:`add_dataset`), sharing one var space.
+        obs
+            One DataFrame (or ``None``) per dataset, describing its rows.
+        var
+            A DataFrame describing the columns shared by all datasets, or one per dataset (with equal
+            indices); it becomes :attr:`var`, yielded with every batch.
+        """
         obs = list(obs) if obs is not None else [None] * len(datasets)
         if len(obs) != len(datasets):
             raise ValueError(f"Got {len(datasets)} datasets but {len(obs)} obs frames.")
         backings = [
             backing_from_memory(d, name=f"dataset #{len(self._backings) + i}") for i, d in enumerate(datasets)
         ]
-        self._add_backings(backings, obs, var=None)
+        self._add_backings(backings, obs, var=shared_var(var, backings, first=len(self._backings)))
         return self
 
     def _add_backings(self, backings: list[Backing], obs: list, var: pd.DataFrame | None) -> None:
@@ -255,6 +291,19 @@ class Loader(_Base):
         return self._backings[0].shape[1] if self._backings else 0
 
     n_vars = n_var
+
+    @property
+    def dataset_type(self) -> type:
+        """The type of the first added dataset's data, as the loader reads it.
+
+        :class:`zarr.Array` for dense zarr data (a collection's included), a subclass of
+        :class:`anndata.abc.CSRDataset` for sparse zarr or backed data (test it with :func:`issubclass`),
+        else the type of what was added (:class:`numpy.ndarray`, a scipy sparse class, :class:`h5py.Dataset`).
+        """
+        self._require_data()
+        origin = self._backings[0].origin
+        assert origin is not None  # every backing records it
+        return origin
 
     @property
     def var(self) -> pd.DataFrame | None:

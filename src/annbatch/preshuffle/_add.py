@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Literal
 
 import anndata as ad
@@ -46,7 +47,7 @@ GROUPBY_ATTR = "groupby"
 
 def add_adatas(
     collection: Datasets,
-    inputs: Sequence[InputLike] | InputLike,
+    inputs: Iterable[InputLike] | InputLike,
     *,
     shuffle: bool = True,
     rng: np.random.Generator | None = None,
@@ -55,7 +56,7 @@ def add_adatas(
     groupby: Sequence[str] | str | None = None,
     var_subset: Sequence[str] | None = None,
     join: Literal["outer", "inner"] = "outer",
-    merge: Literal["same", "first"] | None = None,
+    merge: Literal["same", "unique", "first", "only"] | None = None,
     load_adata: LoadAdata | None = None,
     memory_limit: str | int | None = None,
     n_obs_per_chunk: int = 32,
@@ -64,7 +65,11 @@ def add_adatas(
     progress: bool = True,
 ) -> None:
     """See :meth:`annbatch.Collection.add_adatas`."""
-    if isinstance(inputs, str | Path | ad.AnnData) or not isinstance(inputs, Sequence):
+    if isinstance(inputs, str | os.PathLike | ad.AnnData):
+        inputs = [inputs]
+    elif isinstance(inputs, Iterator | AbstractSet):  # a generator or a set of paths, say
+        inputs = list(inputs)
+    elif not isinstance(inputs, Sequence):
         inputs = [inputs]
     if len(inputs) == 0:
         raise ValueError("`inputs` is empty: pass at least one .h5ad/.zarr path or AnnData.")
@@ -76,7 +81,7 @@ def add_adatas(
     )
     opened: list[InputAnnData] = []
     try:
-        existing = [_from_store(group, name=group.basename) for group in collection]
+        existing = [_from_store(group, name=group.basename) for group in collection._open_datasets()]
         groupby = _collection_groupby(collection, groupby, appending=bool(existing))
         # In-memory inputs are named "<AnnData #i>", numbered after those already in the collection.
         first = _n_anndata_sources(existing)

@@ -115,7 +115,7 @@ def plan_var_space(
     join: Literal["outer", "inner"],
     var_subset: Sequence[str] | None,
     existing_var: pd.DataFrame | None,
-    merge: Literal["same", "first"] | None,
+    merge: Literal["same", "unique", "first", "only"] | None,
 ) -> VarSpace:
     """The output var space: the collection's own when appending, else the join of the inputs' vars."""
     if join not in ("outer", "inner"):
@@ -132,6 +132,7 @@ def plan_var_space(
     elif var_subset is not None:
         if isinstance(var_subset, str):
             raise TypeError(f"`var_subset` must be a list of var names, got the string {var_subset!r}.")
+        var_subset = list(var_subset)  # any iterable, such as a pandas Index or a generator
         if len(var_subset) == 0:
             raise InputError(
                 "`var_subset` is empty: give the var names to keep, or leave it out to keep all."
@@ -166,26 +167,45 @@ def _union(indexes) -> pd.Index:
     return pd.Index(list(seen), dtype=object)
 
 
+MERGES = ("same", "unique", "first", "only")
+
+
 def _merge_var(inputs: Sequence[InputAnnData], names: pd.Index, merge) -> pd.DataFrame:
+    """The var columns kept by ``merge``, one of the strategies of :func:`anndata.concat`, over ``names``.
+
+    Values are compared where inputs share a var name (elsewhere an input's values are missing):
+    ``"same"`` keeps the columns every input has and that agree, ``"unique"`` those that agree however
+    many inputs have them, ``"only"`` those only one input has; ``"first"`` keeps every column, each var
+    name taking the first input's non-missing value.
+    """
     var = pd.DataFrame(index=names)
     if merge is None:
         return var
-    if merge not in ("same", "first"):
-        raise ValueError(f"`merge` must be None, 'same' or 'first', got {merge!r}.")
+    if merge not in MERGES:
+        raise ValueError(f"`merge` must be None, 'same', 'unique', 'first' or 'only', got {merge!r}.")
     columns: dict[str, pd.Series] = {}
+    holders: dict[str, int] = {}  # how many inputs have each column
     disagree: set[str] = set()
     for inp in inputs:
         for col in inp.var.columns:
             values = inp.var[col].reindex(names)
+            holders[col] = holders.get(col, 0) + 1
             if col not in columns:
                 columns[col] = values
                 continue
-            if merge == "same":  # keep only columns that agree wherever both inputs have the gene
-                both = columns[col].notna() & values.notna()
-                if not (columns[col][both].astype(object) == values[both].astype(object)).all():
-                    disagree.add(col)
+            both = columns[col].notna() & values.notna()
+            if not (columns[col][both].astype(object) == values[both].astype(object)).all():
+                disagree.add(col)
             columns[col] = columns[col].combine_first(values)  # first non-missing value, dtype kept
-    for col in disagree:
+    if merge == "same":
+        dropped = disagree | {c for c, n in holders.items() if n < len(inputs)}
+    elif merge == "unique":
+        dropped = disagree
+    elif merge == "only":
+        dropped = {c for c, n in holders.items() if n > 1}
+    else:
+        dropped = set()
+    for col in dropped:
         del columns[col]
     for col, values in columns.items():
         columns[col] = _restore_dtype(values, [inp.var[col] for inp in inputs if col in inp.var.columns])
@@ -195,9 +215,18 @@ def _merge_var(inputs: Sequence[InputAnnData], names: pd.Index, merge) -> pd.Dat
 
 
 def _restore_dtype(values: pd.Series, originals: list[pd.Series]) -> pd.Series:
-    """Undo the object dtype that reindexing to the union introduces (bool columns stay bool)."""
+    """Undo the object dtype that reindexing to the union introduces (bool columns stay bool).
+
+    String columns with missing values become nullable strings, which keep them missing on disk
+    (an object column would store them as the text ``"nan"``).
+    """
     if all(pd.api.types.is_bool_dtype(o) for o in originals):
         return values.astype(bool) if values.notna().all() else values.astype("boolean")
+    strings = all(
+        pd.api.types.is_string_dtype(o) and not isinstance(o.dtype, pd.CategoricalDtype) for o in originals
+    )
+    if strings and values.isna().any():
+        return values.astype("string")
     return values.infer_objects()
 
 
