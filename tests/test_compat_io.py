@@ -322,6 +322,24 @@ def test_writable_groups_and_anndata_reads_after_an_edit(tmp_path):
     np.testing.assert_array_equal(part.X, _source_rows(sources).loc[part.obs_names].to_numpy() + 0.5)
 
 
+def test_editing_holds_the_write_lock(tmp_path):
+    """While writable groups are handed out, no other writer may rewrite the datasets, and vice versa."""
+    from annbatch._lock import WriteLock
+    from annbatch.errors import CollectionLockedError
+
+    coll, _ = _peer_collection(tmp_path, dense=True)
+    other = WriteLock(zarr.open_group(tmp_path / "coll.zarr", mode="r"))
+    groups = iter(coll)
+    next(groups)
+    assert not other.try_acquire(), "an append waits while datasets are being edited"
+    groups.close()
+    assert other.try_acquire(), "the lock is released when the loop ends"
+    with pytest.raises(CollectionLockedError, match="being written by another process"):
+        next(iter(coll))
+    other.release()
+    assert [g.path for g in DatasetCollection(tmp_path / "coll.zarr", mode="r")] == [g.path for g in coll]
+
+
 # -- Loader: to_torch, add_dataset(s)(var=...), dataset_type -----------------------------------------------
 def test_to_torch_is_the_deprecated_to(tmp_path):
     torch = pytest.importorskip("torch")

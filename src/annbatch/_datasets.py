@@ -13,6 +13,7 @@ read mean that no move had begun before the read ended, so the rows read are tho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -90,8 +91,19 @@ class Datasets:
 
         An edit is not a new dataset version: build loaders after editing. A loader built before reads
         the layout it found and is not warned (unlike after an append); do not edit while one reads.
+        While writable groups are handed out, the collection's write lock is held (another process's
+        ``add_adatas`` waits, and iterating while one runs raises
+        :class:`~annbatch.errors.CollectionLockedError`); it is released when the loop ends.
         """
-        yield from self._open_datasets(writable=self._writable)
+        if not self._writable:
+            yield from self._open_datasets()
+            return
+        with self._write_lock():
+            yield from self._open_datasets(writable=True)
+
+    def _write_lock(self) -> contextlib.AbstractContextManager:
+        """The collection's write lock, taken (the writing side, :class:`~annbatch.Collection`, provides it)."""
+        raise NotImplementedError
 
     def _open_datasets(self, *, writable: bool = False) -> Iterator[zarr.Group]:
         """The datasets' groups, read-only unless ``writable``: what annbatch itself reads through."""

@@ -193,6 +193,15 @@ class Collection(Datasets):
         else:
             self._group.attrs.update(ENCODING)
 
+    def _write_lock(self, timeout: float = 0.0) -> WriteLock:
+        """The collection's write lock, taken (waiting up to ``timeout`` s); use it as a context manager."""
+        lock = WriteLock(self._group)
+        try:
+            lock.acquire(timeout=timeout)
+        except LockHeld as err:
+            raise _locked_error(self._label, err) from None
+        return lock
+
     # -- writing ---------------------------------------------------------------------------------------------
     def add_adatas(
         self,
@@ -305,12 +314,7 @@ class Collection(Datasets):
             raise TypeError(f"`seed` must be an int, got {type(seed).__name__} {seed!r}.")
         if seed is not None and seed < 0:
             raise ValueError(f"`seed` must be 0 or more, got {seed}.")
-        lock = WriteLock(self._group)
-        try:
-            lock.acquire(timeout=lock_timeout)
-        except LockHeld as err:
-            raise _locked_error(self._label, err) from None
-        with lock:
+        with self._write_lock(lock_timeout):
             # Under the lock: staging left by a writer killed since this collection was opened is ours
             # to finish or drop now, and the datasets are listed only after the previous writer is done.
             Staging(self._group).recover()
