@@ -3,6 +3,7 @@
 from importlib.metadata import version
 
 from . import abc, errors, samplers, testing, types
+from .accessor import AnnbatchAccessor  # registers `adata.annbatch` (anndata >= 0.12)
 from .collection import Collection, DatasetCollection
 from .errors import AnnbatchError, CollectionError, CollectionLockedError, InputError
 from .writer import write_sharded
@@ -21,6 +22,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AnnbatchAccessor",
     "AnnbatchError",
     "Collection",
     "CollectionError",

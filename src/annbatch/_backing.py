@@ -102,18 +102,29 @@ def _check_all_shards_stored(arr: zarr.Array) -> None:
         )
 
 
-def backing_from_memory(value: Any, *, name: str) -> Backing:
-    """A backing for an in-memory or backed matrix: numpy, scipy CSR, h5py dataset, backed CSR."""
-    backing = _backing_from_memory(value, name=name)
+def backing_from_memory(value: Any, *, name: str, expr: str | None = None) -> Backing:
+    """A backing for an in-memory or backed matrix: numpy, scipy CSR, h5py dataset, backed CSR.
+
+    ``name`` describes the matrix in messages; ``expr``, where given, is an assignable expression for
+    it (``"adata.X"``), with which messages spell out the conversion to make.
+    """
+    backing = _backing_from_memory(value, name=name, expr=expr)
     if not isinstance(value, zarr.Array | zarr.Group):  # zarr: the type the loader reads it as
         backing.origin = type(value)
     return backing
 
 
-def _backing_from_memory(value: Any, *, name: str) -> Backing:
+def _backing_from_memory(value: Any, *, name: str, expr: str | None) -> Backing:
     if sp.issparse(value):
         if value.format != "csr":
-            raise BackingError(f"{name} is {value.format.upper()}; pass CSR (`.tocsr()`) or dense data.")
+            fix = (
+                f"convert it with `{expr} = {expr}.tocsr()`"
+                if expr
+                else "pass CSR (`.tocsr()`) or dense data"
+            )
+            raise BackingError(
+                f"{name} is a {value.format.upper()} matrix, which cannot be read by rows; {fix}."
+            )
         return Backing("csr", tuple(value.shape), np.dtype(value.dtype), data=value.data, indices=value.indices,
                        indptr=np.asarray(value.indptr, dtype=np.int64))  # fmt: skip
     if isinstance(value, ad.abc.CSRDataset):
@@ -123,11 +134,27 @@ def _backing_from_memory(value: Any, *, name: str) -> Backing:
                            indices=group["indices"], indptr=np.asarray(group["indptr"][...], dtype=np.int64))  # fmt: skip
         return backing_from_zarr(group, name=name)
     if isinstance(value, ad.abc.CSCDataset):
-        raise BackingError(f"{name} is a backed CSC matrix, which cannot be read by rows; convert it to CSR.")
+        raise BackingError(
+            f"{name} is a backed CSC matrix, which cannot be read by rows; convert it to CSR (load it "
+            "with `adata = adata.to_memory()`, then `.tocsr()` it) or convert the file into a collection."
+        )
     if isinstance(value, zarr.Array | zarr.Group):
         return backing_from_zarr(value, name=name)
     if isinstance(value, np.ndarray | h5py.Dataset):
+        if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+            value = value.view(np.ndarray)  # e.g. an AnnData view's ArrayView: plain rows, no copy
         return Backing("dense", tuple(value.shape), np.dtype(value.dtype), array=value)
+    if type(value).__module__.partition(".")[0] == "dask":
+        owner = expr.partition(".")[0] if expr else "adata"
+        raise BackingError(
+            f"{name} is a dask array (as `anndata.experimental.read_lazy` gives), which the loader does not "
+            f"read. If it fits in memory, load it: `{owner} = {owner}.to_memory()`. If not, convert the "
+            "file it was read from into a collection, "
+            "`annbatch.Collection('cells.zarr').add_adatas(['data.zarr'])`, and load from that."
+        )
+    if isinstance(value, pd.DataFrame):
+        fix = f"`{expr} = {expr}.to_numpy()`" if expr else "`.to_numpy()`"
+        raise BackingError(f"{name} is a pandas DataFrame; pass its values as an array: {fix}.")
     raise BackingError(
         f"{name} has type {type(value).__name__}; the loader reads numpy arrays, scipy CSR matrices, "
         "zarr arrays/groups and backed AnnData."
@@ -151,22 +178,42 @@ def check_compatible(backings: list[Backing]) -> None:
                       f"{np.result_type(*dtypes)}.", stacklevel=4)  # fmt: skip
 
 
-def backings_from_adatas(adatas: Sequence[ad.AnnData], *, layer: str | None = None) -> list[Backing]:
-    """The ``X`` (or ``layers[layer]``) of in-memory or backed AnnData objects sharing one var space."""
+def backings_from_adatas(
+    adatas: Sequence[ad.AnnData], *, layer: str | None = None, obsm: str | None = None
+) -> list[Backing]:
+    """The ``X`` (or ``layers[layer]``, or ``obsm[obsm]``) of in-memory or backed AnnData objects.
+
+    The AnnData objects must share one var space (unless ``obsm`` is read, which has its own columns).
+    """
+    if layer is not None and obsm is not None:
+        raise ValueError(f"Give `layer` or `obsm`, not both (got layer={layer!r}, obsm={obsm!r}).")
     for i, adata in enumerate(adatas[1:], start=1):
-        if not adata.var_names.equals(adatas[0].var_names):
+        if obsm is None and not adata.var_names.equals(adatas[0].var_names):
             raise BackingError(
                 f"AnnData #{i} has different var names than AnnData #0; subset them to one var space "
                 "(e.g. `adata[:, shared_genes]`) before adding."
             )
+    one = len(adatas) == 1
     backings = []
     for i, adata in enumerate(adatas):
-        x = adata.X if layer is None else adata.layers[layer]
-        if x is None:
-            raise BackingError(f"AnnData #{i} has no X; pass `layer=` or add X.")
-        backings.append(
-            backing_from_memory(x, name=f"X of AnnData #{i}" if layer is None else f"layer {layer!r}")
-        )
+        var = "adata" if one else f"adatas[{i}]"
+        which = "the AnnData" if one else f"AnnData #{i}"
+        if obsm is not None:
+            if obsm not in adata.obsm:
+                raise KeyError(
+                    f"`obsm={obsm!r}`: {which} has no such obsm entry; its obsm keys: {list(adata.obsm)}."
+                )
+            x, expr = adata.obsm[obsm], f"{var}.obsm[{obsm!r}]"
+        elif layer is not None:
+            layers = [k for k in adata.layers if k is not None]  # anndata 0.13 also lists X, as None
+            if layer not in layers:
+                raise KeyError(f"`layer={layer!r}`: {which} has no such layer; its layers: {layers}.")
+            x, expr = adata.layers[layer], f"{var}.layers[{layer!r}]"
+        else:
+            x, expr = adata.X, f"{var}.X"
+            if x is None:
+                raise BackingError(f"{which} has no X; pass `layer=` or `obsm=`, or add X.")
+        backings.append(backing_from_memory(x, name=f"`{expr}`", expr=expr))
     return backings
 
 

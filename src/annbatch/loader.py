@@ -203,14 +203,28 @@ class Loader(_Base):
         self._snapshot = snapshot
         return self
 
-    def add_adata(self, adata: ad.AnnData, *, layer: str | None = None) -> Loader:
-        """Add an AnnData (in memory or backed): its ``X`` (or a layer) and obs."""
-        return self.add_adatas([adata], layer=layer)
+    def add_adata(self, adata: ad.AnnData, *, layer: str | None = None, obsm: str | None = None) -> Loader:
+        """Add an AnnData (in memory, a view, or backed): its ``X`` (or a layer, or an obsm matrix) and obs.
 
-    def add_adatas(self, adatas: Sequence[ad.AnnData], *, layer: str | None = None) -> Loader:
-        """Add several AnnData objects, in order."""
-        backings = backings_from_adatas(adatas, layer=layer)
-        self._add_backings(backings, [a.obs for a in adatas], var=adatas[0].var if adatas else None)
+        Parameters
+        ----------
+        adata
+            The AnnData. Its ``X`` must be dense, scipy CSR, backed CSR or a zarr array.
+        layer
+            Read ``adata.layers[layer]`` instead of ``X``.
+        obsm
+            Read ``adata.obsm[obsm]`` (e.g. ``"X_pca"``) instead of ``X``; batches then carry no ``var``.
+            Give at most one of ``layer`` and ``obsm``.
+        """
+        return self.add_adatas([adata], layer=layer, obsm=obsm)
+
+    def add_adatas(
+        self, adatas: Sequence[ad.AnnData], *, layer: str | None = None, obsm: str | None = None
+    ) -> Loader:
+        """Add several AnnData objects, in order (``layer`` and ``obsm`` as in :meth:`add_adata`)."""
+        backings = backings_from_adatas(adatas, layer=layer, obsm=obsm)
+        var = adatas[0].var if adatas and obsm is None else None
+        self._add_backings(backings, [a.obs for a in adatas], var=var)
         return self
 
     def add_dataset(
