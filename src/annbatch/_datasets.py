@@ -13,7 +13,6 @@ read mean that no move had begun before the read ended, so the rows read are tho
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,7 +61,6 @@ class Datasets:
 
     _group: zarr.Group
     _label: str
-    _writable: bool = False  # whether iteration yields writable groups (a collection opened for writing)
 
     @property
     def group(self) -> zarr.Group:
@@ -80,41 +78,14 @@ class Datasets:
         return len(self.dataset_keys)
 
     def __iter__(self) -> Iterator[zarr.Group]:
-        """The datasets' zarr groups (each a complete AnnData store), in order.
+        """The datasets' zarr groups (each a complete AnnData store), in order, read-only."""
+        return self._open_datasets()
 
-        Writable when the collection was opened for writing (``mode`` ``"a"``, ``"r+"`` or ``"w-"``),
-        read-only with ``mode="r"``. A dataset can then be edited in place, e.g.
-        ``ad.io.write_elem(g, "X", ad.io.read_elem(g["X"]).astype("float64"))``, keeping its rows and
-        var. A writable group is opened without consolidated metadata, which is first removed from the
-        dataset: anndata cannot edit a consolidated store, and the consolidated copy would describe the
-        dataset as it was before the edit. Readers then read each element's own metadata.
-
-        An edit is not a new dataset version: build loaders after editing. A loader built before reads
-        the layout it found and is not warned (unlike after an append); do not edit while one reads.
-        While writable groups are handed out, the collection's write lock is held (another process's
-        ``add_adatas`` waits, and iterating while one runs raises
-        :class:`~annbatch.errors.CollectionLockedError`); it is released when the loop ends.
-        """
-        if not self._writable:
-            yield from self._open_datasets()
-            return
-        with self._write_lock():
-            yield from self._open_datasets(writable=True)
-
-    def _write_lock(self) -> contextlib.AbstractContextManager:
-        """The collection's write lock, taken (the writing side, :class:`~annbatch.Collection`, provides it)."""
-        raise NotImplementedError
-
-    def _open_datasets(self, *, writable: bool = False) -> Iterator[zarr.Group]:
-        """The datasets' groups, read-only unless ``writable``: what annbatch itself reads through."""
+    def _open_datasets(self) -> Iterator[zarr.Group]:
+        """The datasets' groups, read-only: what annbatch itself reads through."""
         with zarrs_pipeline():
             for key in self.dataset_keys:
-                path = self._child(key)
-                if writable:
-                    drop_consolidated(self._group.store, path)
-                    yield zarr.open_group(self._group.store, path=path, mode="r+", use_consolidated=False)
-                else:
-                    yield zarr.open_group(self._group.store, path=path, mode="r")
+                yield zarr.open_group(self._group.store, path=self._child(key), mode="r")
 
     @property
     def is_empty(self) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -14,9 +14,10 @@ import zarr
 from zarr.abc.codec import BytesBytesCodec
 
 from annbatch._convert import Target
-from annbatch._datasets import ENCODING, Datasets, check_version
+from annbatch._datasets import ENCODING, Datasets, check_version, drop_consolidated
 from annbatch._lock import STALE_AFTER, LockHeld, WriteLock, describe
 from annbatch._staging import Staging
+from annbatch._zarr import zarrs_pipeline
 from annbatch.abc import Sampler
 from annbatch.errors import CollectionError, CollectionLockedError, rename_parameters
 from annbatch.preshuffle import add_adatas as _add_adatas
@@ -43,26 +44,15 @@ _Location = str | os.PathLike | zarr.Group
 _Inputs = Iterable[InputLike] | InputLike
 
 
-def _one_location(path_or_group: _Location | None, group: _Location | None) -> _Location:
-    """The collection's path or group, given as ``path_or_group`` or by its scverse name ``group``."""
-    if path_or_group is not None and group is not None:
-        raise TypeError("Give the collection as `path_or_group` or as `group` (its scverse name), not both.")
-    if path_or_group is not None:
-        return path_or_group
-    if group is not None:
-        return group
-    raise TypeError("Give the collection's path or zarr group, e.g. `Collection('cells.zarr')`.")
+def _check_given_once(our_name: str, our_value: object, their_name: str, their_value: object, missing: str) -> None:
+    """Check that a value was given by our parameter name or by its scverse name, exactly once.
 
-
-def _one_of(inputs: _Inputs | None, adata_paths: _Inputs | None) -> _Inputs:
-    """The inputs to convert, given as ``inputs`` or by their scverse name ``adata_paths``."""
-    if inputs is not None and adata_paths is not None:
-        raise TypeError("Give the inputs as `inputs` or as `adata_paths` (its scverse name), not both.")
-    if inputs is not None:
-        return inputs
-    if adata_paths is not None:
-        return adata_paths
-    raise TypeError("Give the inputs to convert, e.g. `add_adatas(['a.h5ad', 'b.h5ad'])`.")
+    ``missing``: the message when neither was given.
+    """
+    if our_value is not None and their_value is not None:
+        raise TypeError(f"Give `{our_name}` or `{their_name}` (its scverse name), not both.")
+    if our_value is None and their_value is None:
+        raise TypeError(missing)
 
 
 def _zarr_compressor(
@@ -132,7 +122,12 @@ class Collection(Datasets):
                 "are not supported. Convert the .h5ad files into a zarr collection instead, e.g. "
                 "`Collection('cells.zarr').add_adatas(['a.h5ad', 'b.h5ad'])`."
             )
-        path_or_group = _one_location(path_or_group, group)
+        _check_given_once(
+            "path_or_group", path_or_group, "group", group,
+            "Give the collection's path or zarr group, e.g. `Collection('cells.zarr')`.",
+        )  # fmt: skip
+        path_or_group = path_or_group if path_or_group is not None else group
+        assert path_or_group is not None  # for type checkers: checked just above
         if mode not in ("r", "r+", "a", "w-"):
             raise ValueError(f"`mode` must be one of 'r', 'r+', 'a', 'w-', got {mode!r}.")
         self._mode = mode
@@ -192,6 +187,31 @@ class Collection(Datasets):
                         Staging(self._group).recover()
         else:
             self._group.attrs.update(ENCODING)
+
+    def __iter__(self) -> Iterator[zarr.Group]:
+        """The datasets' zarr groups (each a complete AnnData store), in order.
+
+        Writable when the collection was opened for writing (``mode`` ``"a"``, ``"r+"`` or ``"w-"``),
+        read-only with ``mode="r"``. A dataset can then be edited in place, e.g.
+        ``ad.io.write_elem(g, "X", ad.io.read_elem(g["X"]).astype("float64"))``, keeping its rows and
+        var. A writable group is opened without consolidated metadata, which is first removed from the
+        dataset: anndata cannot edit a consolidated store, and the consolidated copy would describe the
+        dataset as it was before the edit. Readers then read each element's own metadata.
+
+        An edit is not a new dataset version: build loaders after editing. A loader built before reads
+        the layout it found and is not warned (unlike after an append); do not edit while one reads.
+        While writable groups are handed out, the collection's write lock is held (another process's
+        ``add_adatas`` waits, and iterating while one runs raises
+        :class:`~annbatch.errors.CollectionLockedError`); it is released when the loop ends.
+        """
+        if not self._writable:
+            yield from self._open_datasets()
+            return
+        with self._write_lock(), zarrs_pipeline():
+            for key in self.dataset_keys:
+                path = self._child(key)
+                drop_consolidated(self._group.store, path)
+                yield zarr.open_group(self._group.store, path=path, mode="r+", use_consolidated=False)
 
     def _write_lock(self, timeout: float = 0.0) -> WriteLock:
         """The collection's write lock, taken (waiting up to ``timeout`` s); use it as a context manager."""
@@ -299,7 +319,11 @@ class Collection(Datasets):
             )
         # Our parameter names -> the scverse names the caller used: messages name what was passed.
         spelled = {"inputs": "adata_paths"} if adata_paths is not None else {}
-        inputs = _one_of(inputs, adata_paths)
+        _check_given_once(
+            "inputs", inputs, "adata_paths", adata_paths,
+            "Give the inputs to convert, e.g. `add_adatas(['a.h5ad', 'b.h5ad'])`.",
+        )  # fmt: skip
+        inputs = inputs if inputs is not None else adata_paths
         if zarr_compressor is not None:
             compressors = _zarr_compressor(zarr_compressor, compressors)
             spelled["compressors"] = "zarr_compressor"
