@@ -178,6 +178,15 @@ def test_splits_need_a_batch_size():
         list(Unsized(4, 8).sample(16))
 
 
+def test_carry_needs_splits():
+    class CarryOnly(InOrderSampler):
+        def _sample(self, n_obs):
+            yield {"requests": [slice(0, 8)], "carry": np.arange(2)}
+
+    with pytest.raises(ValueError, match="'carry' but without 'splits'"):
+        list(CarryOnly(4, 8).sample(16))
+
+
 # -- deprecated spellings ----------------------------------------------------------------------------------
 def test_n_iters_is_a_deprecated_alias():
     s = RandomSampler(batch_size=8, chunk_size=4, preload_nchunks=4, seed=0)

@@ -248,9 +248,13 @@ class Sampler(metaclass=_SamplerMeta):
                 f"{type(self).__name__} yielded a load request without 'splits' but its batch_size is "
                 "None; give every request 'splits' or make batch_size an integer"
             )
+        if "carry" in request:
+            raise ValueError(
+                f"{type(self).__name__} yielded a load request with 'carry' but without 'splits'; a request "
+                "that carries rows into the next must say which rows form its mini-batches"
+            )
         rows = request["requests"]
         n = len(rows) if isinstance(rows, np.ndarray) else sum(s.stop - s.start for s in rows)
-        n += len(request.get("carry", ()))  # never carried without splits, but count it if given
         order = rng.permutation(n) if self.shuffle else np.arange(n, dtype=np.int64)
         return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 

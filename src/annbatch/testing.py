@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import numpy as np
 
 from annbatch.abc import Sampler
+from annbatch.samplers._stream import _request_rows
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -50,7 +51,7 @@ class SamplerCheck:
         return np.concatenate(flat) if flat else np.empty(0, dtype=np.int64)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     # not `assert`: the checks must hold under `python -O` too
     raise AssertionError(message)
 
@@ -58,7 +59,7 @@ def _fail(message: str) -> None:
 _KEYS = frozenset({"requests", "splits", "carry"})
 
 
-def _request_rows(request: LoadRequest, n_obs: int | None, where: str) -> np.ndarray:
+def _checked_rows(request: LoadRequest, n_obs: int | None, where: str) -> np.ndarray:
     """The global rows ``request["requests"]`` reads, in order, after checking their form."""
     if not isinstance(request, dict) or "requests" not in request:
         _fail(f"{where} must be a dict with a 'requests' key, got {request!r:.80}")
@@ -73,7 +74,7 @@ def _request_rows(request: LoadRequest, n_obs: int | None, where: str) -> np.nda
             )
         if len(rows) and (rows.min() < 0 or rows.max() >= upper):
             _fail(f"{where}: 'requests' names rows outside [0, {n_obs})")
-        return rows.astype(np.int64, copy=False)
+        return _request_rows(rows)
     if not isinstance(rows, list | tuple):
         _fail(f"{where}: 'requests' must be a list of slices or an integer array, got {type(rows).__name__}")
     for s in rows:
@@ -81,15 +82,12 @@ def _request_rows(request: LoadRequest, n_obs: int | None, where: str) -> np.nda
             _fail(f"{where}: every entry of 'requests' must be a slice(start, stop) without step, got {s!r}")
         if not 0 <= s.start < s.stop <= upper:
             _fail(f"{where}: {s!r} is empty or lies outside [0, {n_obs})")
-    if not rows:
-        return np.empty(0, dtype=np.int64)
-    return np.concatenate([np.arange(s.start, s.stop, dtype=np.int64) for s in rows])
+    return _request_rows(list(rows))
 
 
 def _index_array(part: object, n_loaded: int, what: str) -> np.ndarray:
     if not isinstance(part, np.ndarray) or part.ndim != 1 or part.dtype.kind not in "iu":
         _fail(f"{what} must be a 1-D integer numpy array, got {part!r:.80}")
-    assert isinstance(part, np.ndarray)  # for type checkers: _fail raised otherwise
     if len(part) and (part.min() < 0 or part.max() >= n_loaded):
         _fail(f"{what} indexes outside the {n_loaded} loaded rows")
     return part
@@ -130,11 +128,10 @@ def check_requests(
     carried = np.empty(0, dtype=np.int64)
     for k, request in enumerate(requests):
         where = f"{label}, request {k}"
-        loaded = np.concatenate([carried, _request_rows(request, n_obs, where)])
+        loaded = np.concatenate([carried, _checked_rows(request, n_obs, where)])
         splits = request.get("splits")
         if not isinstance(splits, list | tuple) or not splits:
             _fail(f"{where}: 'splits' must be a non-empty list of index arrays (one per mini-batch)")
-        assert splits is not None
         parts = [_index_array(s, len(loaded), f"{where}: split {j}") for j, s in enumerate(splits)]
         for j, part in enumerate(parts):
             if not len(part):
