@@ -11,6 +11,7 @@ import pytest
 from annbatch.synthetic import make_adata
 
 README = Path(__file__).parents[1] / "README.md"
+LANDING = Path(__file__).parents[1] / "docs" / "index.md"
 
 
 def _python_blocks(path: Path = README) -> list[str]:
@@ -31,6 +32,14 @@ def test_readme_python_runs_as_written(tmp_path, monkeypatch):
         if "import scvi" in block and importlib.util.find_spec("scvi") is None:
             continue  # the scvi-tools example needs the `scvi` extra; tests/test_scvi.py skips alike
         exec(compile(block, str(README), "exec"), namespace)
+
+
+def test_docs_landing_example_runs(tmp_path, monkeypatch):
+    """The documentation's 30-second example, which makes its own input files."""
+    (block,) = _python_blocks(LANDING)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, str(LANDING), "exec"), {})
+    assert (tmp_path / "cells.zarr" / "dataset_0").exists()
 
 
 TUTORIALS = sorted((Path(__file__).parents[1] / "tutorials").glob("*.md"))
