@@ -232,7 +232,12 @@ def test_read_lazy_says_how_to_load_it(tmp_path, adata):
     lazy = ad.experimental.read_lazy(tmp_path / "a.zarr")
     with pytest.raises(ValueError, match=r"dask array.*read_lazy.*to_memory\(\).*Collection"):
         lazy.annbatch.loader()
-    check_epoch(lazy.to_memory().annbatch.loader(**SMALL), adata.X.toarray())  # the fix it names works
+    check_epoch(lazy.to_memory().annbatch.loader(**SMALL), adata.X.toarray())  # the fixes it names work
+    coll = lazy.annbatch.to_collection(tmp_path / "cells.zarr", seed=0, progress=False)
+    loader = coll.loader(batch_size=64, chunk_size=16, preload_nchunks=8, shuffle=False, return_index=True)
+    x = sp.vstack([b["X"] for b in loader]).toarray()
+    order = coll.obs()["src_path"].index  # the collection's rows are the input's, preshuffled
+    np.testing.assert_array_equal(x, adata[order].X.toarray())
 
 
 def test_unknown_layer_and_obsm_list_what_there_is(adata):

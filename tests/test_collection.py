@@ -329,6 +329,33 @@ def test_round_trip_mixed_sources(tmp_path, h5ad_files, zarr_input):
     assert list(full.obs["src_path"].cat.categories) == [name for name, _ in inputs]
 
 
+@pytest.mark.parametrize(
+    ("fmt", "dense", "subset"),
+    [("zarr", False, False), ("h5ad", False, False), ("zarr", True, False), ("zarr", False, True)],
+    ids=["zarr-csr", "h5ad-csr", "zarr-dense", "zarr-csr-subset"],
+)
+def test_round_trip_read_lazy(tmp_path, fmt, dense, subset):
+    """AnnData from ``anndata.experimental.read_lazy`` (dask X, obs as a Dataset2D) convert without loading."""
+    pytest.importorskip("dask")
+    pytest.importorskip("xarray")
+    source = make_adata(700, 50, seed=8, dense=dense, obs_prefix="lazy")
+    path = tmp_path / f"source.{fmt}"
+    if fmt == "zarr":
+        with ad.settings.override(zarr_write_format=3, auto_shard_zarr_v3=False):
+            source.write_zarr(path)
+    else:
+        source.write_h5ad(path)
+    lazy = ad.experimental.read_lazy(path)
+    if subset:
+        keep = np.arange(700) % 3 != 0
+        lazy, source = lazy[keep], source[keep].copy()
+    del source.obsm["X_pca"]  # read_lazy reads obsm too; compare X and obs
+    coll = Collection(tmp_path / "coll.zarr").add_adatas([lazy], **ADD)
+    full = load_collection(coll)
+    assert isinstance(full.X, np.ndarray) == dense
+    assert_rows_match(full, [("<AnnData #0>", source)])
+
+
 def test_load_adata_and_memory_limit(tmp_path, h5ad_files):
     opened = []
 

@@ -9,6 +9,7 @@ concurrently (by zarrs' Rust threads when the zarrs pipeline is active).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -144,13 +145,13 @@ def _backing_from_memory(value: Any, *, name: str, expr: str | None) -> Backing:
         if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
             value = value.view(np.ndarray)  # e.g. an AnnData view's ArrayView: plain rows, no copy
         return Backing("dense", tuple(value.shape), np.dtype(value.dtype), array=value)
-    if type(value).__module__.partition(".")[0] == "dask":
+    if is_dask_array(value):
         owner = expr.partition(".")[0] if expr else "adata"
         raise BackingError(
             f"{name} is a dask array (as `anndata.experimental.read_lazy` gives), which the loader does not "
-            f"read. If it fits in memory, load it: `{owner} = {owner}.to_memory()`. If not, convert the "
-            "file it was read from into a collection, "
-            "`annbatch.Collection('cells.zarr').add_adatas(['data.zarr'])`, and load from that."
+            f"read. If it fits in memory, load it: `{owner} = {owner}.to_memory()`. If not, convert it into "
+            f"a collection without loading it, `{owner}.annbatch.to_collection('cells.zarr')` (the same as "
+            f"`annbatch.Collection('cells.zarr').add_adatas([{owner}])`), and load from that."
         )
     if isinstance(value, pd.DataFrame):
         fix = f"`{expr} = {expr}.to_numpy()`" if expr else "`.to_numpy()`"
@@ -159,6 +160,12 @@ def _backing_from_memory(value: Any, *, name: str, expr: str | None) -> Backing:
         f"{name} has type {type(value).__name__}; the loader reads numpy arrays, scipy CSR matrices, "
         "zarr arrays/groups and backed AnnData."
     )
+
+
+def is_dask_array(value: Any) -> bool:
+    """Whether ``value`` is a dask array (also anndata's view of one); dask need not be installed."""
+    dask_array = sys.modules.get("dask.array")  # not imported yet: nothing can be a dask array
+    return dask_array is not None and isinstance(value, dask_array.Array)
 
 
 def check_compatible(backings: list[Backing]) -> None:

@@ -259,8 +259,10 @@ class Collection(Datasets):
         Parameters
         ----------
         inputs
-            Paths to ``.h5ad`` files or ``.zarr`` AnnData stores, or AnnData objects (in memory or backed):
-            one, or a list or other iterable of them.
+            Paths to ``.h5ad`` files or ``.zarr`` AnnData stores, or AnnData objects (in memory, backed,
+            or lazily read with :func:`anndata.experimental.read_lazy`, also subsets of them): one, or a
+            list or other iterable of them. A lazily read CSR matrix is read twice, once for its row
+            sizes, which dask does not expose; a path reads it once.
         adata_paths
             The scverse ``annbatch`` name of ``inputs``; give one of them.
         shuffle

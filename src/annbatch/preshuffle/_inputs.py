@@ -16,6 +16,7 @@ import pandas as pd
 import scipy.sparse as sp
 import zarr
 
+from annbatch._backing import is_dask_array
 from annbatch._csr import RawCSR
 from annbatch._zarr import zarrs_pipeline
 from annbatch.errors import InputError
@@ -70,6 +71,25 @@ class _CsrSource:
         lo, hi = int(self.indptr[start]), int(self.indptr[stop])
         return RawCSR(np.asarray(self.data[lo:hi]), np.asarray(self.indices[lo:hi]),
                       self.indptr[start : stop + 1] - lo, (stop - start, 0))  # fmt: skip
+
+
+class _DaskCsrSource:
+    """A lazily read CSR matrix (a dask array of scipy CSR blocks, as from ``anndata.experimental.read_lazy``).
+
+    dask hides the stored ``indptr``, so the row sizes are computed once, block by block (a pass over
+    the matrix); rows are then read as contiguous slices.
+    """
+
+    def __init__(self, array):
+        self._array = array
+        row_nnz = array.map_blocks(
+            lambda block: np.diff(block.indptr).astype(np.int64), drop_axis=1, dtype=np.int64
+        ).compute()
+        self.indptr = np.concatenate([[0], np.cumsum(row_nnz)]).astype(np.int64)
+
+    def read(self, start: int, stop: int) -> RawCSR:
+        block = sp.csr_matrix(self._array[start:stop].compute())
+        return RawCSR(block.data, block.indices, block.indptr.astype(np.int64), (stop - start, 0))
 
 
 @dataclass
@@ -192,7 +212,14 @@ def _from_anndata(adata: ad.AnnData, *, name: str) -> InputAnnData:
             )
             continue
         elements[f"obsm/{key}"] = _element_in_memory(value, name=name, key=f"obsm/{key}")
-    return InputAnnData(name=name, obs=adata.obs.copy(), var=adata.var.copy(), elements=elements)
+    return InputAnnData(name=name, obs=_frame(adata.obs), var=_frame(adata.var), elements=elements)
+
+
+def _frame(table: Any) -> pd.DataFrame:
+    """The obs or var of an input as a pandas DataFrame (lazily read AnnData hold them as a Dataset2D)."""
+    if isinstance(table, pd.DataFrame):
+        return table.copy()
+    return table.to_memory()
 
 
 def _element_in_memory(value, *, name: str, key: str) -> RowElement:
@@ -211,6 +238,13 @@ def _element_in_memory(value, *, name: str, key: str) -> RowElement:
         raise InputError(
             f"{key} of backed {name!r} is CSC; load it into memory (`adata.to_memory()`) instead."
         )
+    if is_dask_array(value) and sp.issparse(getattr(value, "_meta", None)):
+        if value._meta.format != "csr":
+            raise InputError(
+                f"{key} of lazily read {name!r} is {value._meta.format.upper()}, which cannot be read by rows; "
+                "load it (`adata.to_memory()`) or convert the file to CSR first."
+            )
+        return RowElement("csr", np.dtype(value.dtype), tuple(value.shape), _DaskCsrSource(value))
     if isinstance(value, np.matrix):
         value = np.asarray(value)
     if hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__getitem__"):
