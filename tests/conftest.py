@@ -74,7 +74,7 @@ def zarr_input(tmp_path: Path) -> Path:
 
 
 BUCKET = "annbatch-test"
-CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "testing", "region": "us-east-1"}
+CREDENTIALS = {"access_key_id": "testing", "secret_access_key": "s3cr3t-7f3a9", "region": "us-east-1"}
 
 MOTO_SCRIPT = textwrap.dedent(
     """
@@ -98,6 +98,20 @@ class S3:
     """One bucket on the local server; stores and raw key operations under a prefix."""
 
     endpoint: str
+    bucket: str = BUCKET
+    secret: str = CREDENTIALS["secret_access_key"]
+
+    def storage_options(self) -> dict:
+        """``Collection(url, storage_options=...)`` settings for this server."""
+        return {"endpoint": self.endpoint, "access_key_id": CREDENTIALS["access_key_id"],
+                "secret_access_key": self.secret, "region": CREDENTIALS["region"],
+                "client_options": {"allow_http": True}}  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        """The standard AWS environment variables for this server, as users set them."""
+        return {"AWS_ACCESS_KEY_ID": CREDENTIALS["access_key_id"], "AWS_SECRET_ACCESS_KEY": self.secret,
+                "AWS_REGION": CREDENTIALS["region"], "AWS_ENDPOINT_URL": self.endpoint,
+                "AWS_ALLOW_HTTP": "true"}  # fmt: skip
 
     def raw(self, prefix: str | None = None) -> S3Store:
         from obstore.store import S3Store

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._location import local_or_url, remove_objects, url_has_objects
 from .collection import Collection, CollectionError
 from .errors import AnnbatchError, rename_parameters
 
@@ -77,7 +78,8 @@ def _parser() -> _Parser:
         "convert", help="convert .h5ad/.zarr AnnData files into a collection (or append)"
     )
     convert.add_argument("inputs", nargs="+", help=".h5ad files or .zarr AnnData stores")
-    convert.add_argument("-o", "--output", required=True, help="collection path (created, or appended to)")
+    convert.add_argument("-o", "--output", required=True,
+                         help="collection path or URL such as s3://bucket/cells.zarr (created, or appended to)")  # fmt: skip
     convert.add_argument("--groupby", action="append", default=None, help="obs column to sort datasets by")
     convert.add_argument("--seed", type=_count(0), default=None,
                          help="random seed (same seed, same collection)")  # fmt: skip
@@ -91,9 +93,11 @@ def _parser() -> _Parser:
     convert.add_argument("--lock-timeout", type=float, default=10.0,
                          help="seconds to wait while another process writes to the collection")  # fmt: skip
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _storage_option_flag(convert)
 
     info = sub.add_parser("info", help="describe a collection")
-    info.add_argument("path")
+    info.add_argument("path", help="collection path or URL")
+    _storage_option_flag(info)
 
     demo = sub.add_parser("demo", help="generate synthetic data, convert it and show the collection")
     demo.add_argument("--output", default=None, help="where to write (default: a temporary folder)")
@@ -112,6 +116,34 @@ def _parser() -> _Parser:
     return parser
 
 
+def _storage_option_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--storage-option", action="append", default=None, metavar="KEY=VALUE", type=_key_value,
+        help="object-store setting for a URL, e.g. endpoint=https://... or region=eu-west-1 (repeatable); "
+        "credentials are read from the standard environment variables (AWS_ACCESS_KEY_ID, ...)",
+    )  # fmt: skip
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+def _storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--storage-option`` flags as obstore settings; ``allow_http`` is a client option there."""
+    if not args.storage_option:
+        return None
+    options: dict[str, Any] = {}
+    for key, value in args.storage_option:
+        if key == "allow_http":
+            options.setdefault("client_options", {})["allow_http"] = value.lower() in ("1", "true", "yes")
+        else:
+            options[key] = value
+    return options
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``annbatch`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -126,11 +158,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "convert":
             return _convert(args)
         if args.command == "info":
-            if not Path(args.path).exists():
+            location = local_or_url(args.path)
+            if isinstance(location, Path) and not location.exists():
                 raise CollectionError(
                     f"No collection at {args.path!r}. Create one with `annbatch convert INPUT.h5ad ... -o {args.path}`."
                 )
-            print(Collection(args.path, mode="r"))
+            print(Collection(args.path, mode="r", storage_options=_storage_options(args)))
         else:
             _demo(args)
     except (AnnbatchError, ValueError, KeyError, OSError) as err:
@@ -147,27 +180,28 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    output = Path(args.output)
-    created = not output.exists()
-    before = 0 if created else Collection(output, mode="r").n_obs
+    location, options = local_or_url(args.output), _storage_options(args)
+    output = location if isinstance(location, Path) else args.output
+    created = not location.exists() if isinstance(location, Path) else not url_has_objects(args.output, options)
+    before = 0 if created else Collection(output, mode="r", storage_options=options).n_obs
     try:
         with _reraise_swallowed_interrupts():
-            coll = Collection(output).add_adatas(
+            coll = Collection(output, storage_options=options).add_adatas(
                 args.inputs, shuffle=not args.no_shuffle, seed=args.seed, dataset_size=args.dataset_size,
                 shuffle_chunk_size=args.shuffle_chunk_size, groupby=args.groupby, join=args.join,
                 memory_limit=args.memory_limit, n_obs_per_chunk=args.n_obs_per_chunk,
                 shard_size=args.shard_size, lock_timeout=args.lock_timeout, progress=_progress(args),
             )  # fmt: skip
     except BaseException as err:
-        if created:  # the folder is ours: a failed conversion leaves nothing behind
-            _remove_unused(output)
+        if created:  # the folder (or prefix) is ours: a failed conversion leaves nothing behind
+            _remove_unused(output, options)
         if not isinstance(err, KeyboardInterrupt):
             raise
         if created:
             state = "not created"
         else:
             # Opening for writing finishes a commit that had reached its journal, or drops what was staged.
-            after = Collection(output, mode="a").n_obs
+            after = Collection(output, mode="a", storage_options=options).n_obs
             state = (
                 f"unchanged, {after:,} rows"
                 if after == before
@@ -207,20 +241,24 @@ def _reraise_swallowed_interrupts() -> Iterator[None]:
         sys.unraisablehook = default
 
 
-def _remove_unused(output: Path) -> None:
-    """Remove a collection folder this command created, unless another writer has taken it up since."""
-    from ._lock import WriteLock
+def _remove_unused(output: Path | str, options: dict[str, Any] | None) -> None:
+    """Remove a collection this command created, unless another writer has taken it up since."""
+    from ._lock import LOCK, WriteLock
 
     try:
-        coll = Collection(output, mode="r")
+        coll = Collection(output, mode="r", storage_options=options)
     except CollectionError:  # not (yet) a collection: only this command wrote there
-        shutil.rmtree(output, ignore_errors=True)
+        if isinstance(output, Path):
+            shutil.rmtree(output, ignore_errors=True)
         return
     lock = WriteLock(coll.group)
     if lock.try_acquire():  # no one is writing into it, and, checked under the lock, nothing was committed
         with lock:
             if coll.is_empty:
-                shutil.rmtree(output, ignore_errors=True)
+                if isinstance(output, Path):
+                    shutil.rmtree(output, ignore_errors=True)
+                else:
+                    remove_objects(output, options, keep=LOCK)
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -7,14 +7,16 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import zarr
 from zarr.abc.codec import BytesBytesCodec
+from zarr.core.sync import sync
 
 from annbatch._convert import Target
 from annbatch._datasets import ENCODING, Datasets, check_version, drop_consolidated
+from annbatch._location import display_url, local_or_url, object_store
 from annbatch._lock import STALE_AFTER, LockHeld, WriteLock, describe
 from annbatch._staging import Staging
 from annbatch._zarr import zarrs_pipeline
@@ -89,7 +91,9 @@ class Collection(Datasets):
     Parameters
     ----------
     path_or_group
-        A path (created if missing, unless ``mode="r"``) or an open :class:`zarr.Group`.
+        A path or URL (created if missing, unless ``mode`` is ``"r"`` or ``"r+"``), or an open
+        :class:`zarr.Group`. URLs of object storage (``s3://bucket/cells.zarr``, ``gs://``,
+        ``az://``) are opened through obstore; ``file://`` URLs are local paths.
     mode
         ``"r"``: read only, must exist; ``"r+"``: must exist; ``"a"``: open or create;
         ``"w-"``: create, fail if it exists. Iterating the collection yields writable dataset groups
@@ -101,6 +105,12 @@ class Collection(Datasets):
         files. annbatch stores collections in zarr only: ``True`` raises :class:`CollectionError`.
         Convert the files into a zarr collection instead, e.g.
         ``Collection("cells.zarr").add_adatas(["a.h5ad", "b.h5ad"])``.
+    storage_options
+        Settings of the object store, for URLs: obstore's configuration keys of the store kind (for
+        S3 e.g. ``endpoint``, ``region``, ``access_key_id``, ``secret_access_key``), and
+        ``client_options`` (e.g. ``{"allow_http": True}`` for a local server). What is not given is
+        read from the standard environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``,
+        ...). Reprs and messages show the URL only, never these settings.
 
     Examples
     --------
@@ -115,6 +125,7 @@ class Collection(Datasets):
         *,
         group: _Location | None = None,
         is_collection_h5ad: bool = False,
+        storage_options: dict[str, Any] | None = None,
     ):
         if is_collection_h5ad:
             raise CollectionError(
@@ -136,36 +147,74 @@ class Collection(Datasets):
             self._label = str(path_or_group.store_path)
             self._check_or_init(exists=bool(self._group.attrs) or bool(list(self._group.keys())))
         else:
-            path = Path(path_or_group)
-            self._label = str(path)
-            exists = path.exists() and any(path.iterdir()) if path.is_dir() else path.exists()
-            if path.exists() and not path.is_dir():
-                raise CollectionError(
-                    f"{str(path)!r} is a file, not a collection folder. Choose another path."
+            location = local_or_url(path_or_group)
+            if storage_options is not None and not isinstance(location, str):
+                raise ValueError(
+                    f"`storage_options` are for collections in object storage (URLs such as s3://...); "
+                    f"{str(location)!r} is a local path."
                 )
-            if not exists and mode in ("r", "r+"):
-                raise CollectionError(f"No collection at {str(path)!r}. Create one with mode='a'.")
-            if exists and not (path / "zarr.json").exists():
-                raise CollectionError(
-                    f"{str(path)!r} exists but is not an annbatch collection (no zarr.json). "
-                    "Choose a new or empty path; nothing was changed."
-                )
-            if exists:
-                self._group = zarr.open_group(path, mode="r" if mode == "r" else "a", zarr_format=3)
-            else:  # created with its attrs in one write: a kill cannot leave an unmarked group
-                try:
-                    # a copy: zarr keeps the dict it is given as the group's attrs, and later writes change it
-                    self._group = zarr.open_group(path, mode="w-", zarr_format=3, attributes=dict(ENCODING))
-                except zarr.errors.ContainsGroupError:
-                    if mode == "w-":
-                        raise CollectionError(
-                            f"{str(path)!r} already exists; use mode='a' to add to it."
-                        ) from None
-                    # Another process created it a moment ago: use theirs, as if it had been there.
-                    exists = True
-                    self._group = zarr.open_group(path, mode="a", zarr_format=3)
-            self._check_or_init(exists=exists)
+            if isinstance(location, str):
+                self._open_url(location, storage_options)
+            else:
+                self._open_path(location)
         self._writable = mode != "r" and not self._group.store.read_only
+
+    def _open_url(self, url: str, storage_options: dict[str, Any] | None) -> None:
+        """Open or create the collection at an object-storage URL."""
+        mode = self._mode
+        store = object_store(url, storage_options, read_only=mode == "r")
+        self._label = display_url(url)
+        try:
+            self._group = zarr.open_group(store, mode="r" if mode == "r" else "r+", zarr_format=3)
+            exists = True
+        except FileNotFoundError:  # zarr's GroupNotFoundError: no zarr.json under the prefix
+            if not sync(store.is_empty("")):
+                raise CollectionError(
+                    f"{self._label!r} holds objects but is not an annbatch collection (no zarr.json). "
+                    "Choose a new or empty prefix; nothing was changed."
+                ) from None
+            if mode in ("r", "r+"):
+                raise CollectionError(
+                    f"No collection at {self._label!r}. Create one with `annbatch convert INPUT.h5ad ... "
+                    f"-o {self._label}` or `annbatch.Collection(url).add_adatas(...)`."
+                ) from None
+            self._group = zarr.open_group(store, mode="w-", zarr_format=3, attributes=dict(ENCODING))
+            exists = False
+        except OSError as err:  # the service cannot be reached or refuses the request
+            raise CollectionError(f"Cannot open {self._label!r}: {err}") from None
+        self._check_or_init(exists=exists)
+
+    def _open_path(self, path: Path) -> None:
+        """Open or create the collection in a local folder."""
+        mode = self._mode
+        self._label = str(path)
+        exists = path.exists() and any(path.iterdir()) if path.is_dir() else path.exists()
+        if path.exists() and not path.is_dir():
+            raise CollectionError(
+                f"{str(path)!r} is a file, not a collection folder. Choose another path."
+            )
+        if not exists and mode in ("r", "r+"):
+            raise CollectionError(f"No collection at {str(path)!r}. Create one with mode='a'.")
+        if exists and not (path / "zarr.json").exists():
+            raise CollectionError(
+                f"{str(path)!r} exists but is not an annbatch collection (no zarr.json). "
+                "Choose a new or empty path; nothing was changed."
+            )
+        if exists:
+            self._group = zarr.open_group(path, mode="r" if mode == "r" else "a", zarr_format=3)
+        else:  # created with its attrs in one write: a kill cannot leave an unmarked group
+            try:
+                # a copy: zarr keeps the dict it is given as the group's attrs, and later writes change it
+                self._group = zarr.open_group(path, mode="w-", zarr_format=3, attributes=dict(ENCODING))
+            except zarr.errors.ContainsGroupError:
+                if mode == "w-":
+                    raise CollectionError(
+                        f"{str(path)!r} already exists; use mode='a' to add to it."
+                    ) from None
+                # Another process created it a moment ago: use theirs, as if it had been there.
+                exists = True
+                self._group = zarr.open_group(path, mode="a", zarr_format=3)
+        self._check_or_init(exists=exists)
 
     def _check_or_init(self, *, exists: bool) -> None:
         attrs = dict(self._group.attrs)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import numbers
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
 import numpy as np
 import pandas as pd
-import zarr
 
 from annbatch._convert import Target, check_target
+from annbatch._location import local_or_url
 from annbatch._obs import ObsTable
 from annbatch._zarr import child_group, list_attr
 from annbatch.abc import Sampler
@@ -29,27 +30,24 @@ __all__ = ["CollectionDataModule"]
 _VAL_STREAM = 31  # spawn key of the random choice of validation chunks, apart from the samplers' streams
 
 
-def _open(collection: str | os.PathLike | Collection) -> Collection:
+def _open(collection: str | os.PathLike | Collection, storage_options: dict[str, Any] | None) -> Collection:
     """The collection, opened read-only: training never writes into the user's data."""
     if isinstance(collection, Collection):
+        if storage_options is not None:
+            raise ValueError("`storage_options` are for a collection given by URL, not an open Collection.")
         return collection
-    if isinstance(collection, str) and "://" in collection:
-        try:
-            group = zarr.open_group(collection, mode="r", zarr_format=3)
-        except (FileNotFoundError, KeyError) as err:
-            raise CollectionError(f"No collection at {collection!r} ({err}).") from None
-        return Collection(group, mode="r")
     if not isinstance(collection, str | os.PathLike):
         raise TypeError(
             f"`collection` must be a Collection, a path or a URL, got {type(collection).__name__}."
         )
-    if not os.path.exists(collection):
-        path = os.fspath(collection)
+    location = local_or_url(collection)
+    if isinstance(location, Path) and not location.exists():
+        path = os.fspath(location)
         raise CollectionError(
             f"No collection at {path!r}: convert the data into one first (`annbatch convert INPUT.h5ad "
             f"... -o {path}`, or `annbatch.Collection(path).add_adatas(...)`)."
         )
-    return Collection(collection, mode="r")
+    return Collection(collection, mode="r", storage_options=storage_options)
 
 
 def _check_count(name: str, value: Any, minimum: int = 1) -> int:
@@ -80,8 +78,8 @@ class CollectionDataModule(L.LightningDataModule):
     Parameters
     ----------
     collection
-        A :class:`~annbatch.Collection`, its path, or a URL readable by zarr (``s3://…``); opened
-        read-only.
+        A :class:`~annbatch.Collection`, its path, or a URL of object storage (``s3://bucket/cells.zarr``,
+        ``gs://``, ``az://``); opened read-only.
     batch_size, chunk_size, preload_nchunks
         Rows per mini-batch, contiguous rows per read, chunks per load (see :class:`~annbatch.Loader`).
     obs_keys
@@ -114,6 +112,9 @@ class CollectionDataModule(L.LightningDataModule):
         Rows per validation batch (default ``batch_size``).
     prefetch
         Loads read ahead in the background per loader.
+    storage_options
+        Settings of the object store for a collection given by URL (see :class:`~annbatch.Collection`);
+        without them, credentials come from the environment.
     """
 
     def __init__(
@@ -135,6 +136,7 @@ class CollectionDataModule(L.LightningDataModule):
         to: Target = "torch",
         val_batch_size: int | None = None,
         prefetch: int = 2,
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         sizes = {"batch_size": batch_size, "chunk_size": chunk_size, "preload_nchunks": preload_nchunks}
@@ -170,7 +172,7 @@ class CollectionDataModule(L.LightningDataModule):
                 f"`preload_nchunks` = {chunk_size} × {preload_nchunks} = {per_load}: raise "
                 "`preload_nchunks` or `chunk_size`, or lower `batch_size`."
             )
-        self.collection: Collection = _open(collection)
+        self.collection: Collection = _open(collection, storage_options)
         if self.collection.is_empty:
             raise CollectionError(
                 f"The collection {collection!s} is empty: add data with `add_adatas` first."

@@ -57,6 +57,8 @@ class SCVIDataModule(CollectionDataModule):
         scVI trains best on smaller batches than a linear model).
     model_name
         The model class the registry is written for (scvi-tools checks it when a saved model is loaded).
+    storage_options
+        Settings of the object store for a collection given by URL (see :class:`~annbatch.Collection`).
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class SCVIDataModule(CollectionDataModule):
         seed: int = 0,
         prefetch: int = 2,
         model_name: str = "SCVI",
+        storage_options: dict[str, Any] | None = None,
     ) -> None:
         self.labels_key: str | None = labels_key
         self.categorical_covariate_keys: list[str] = _as_list(categorical_covariate_keys or [])
@@ -100,6 +103,7 @@ class SCVIDataModule(CollectionDataModule):
             layer=layer,
             to="torch",
             prefetch=prefetch,
+            storage_options=storage_options,
         )
         self._layer = layer
         categorical = {"batch_key": [batch_key] if batch_key else [], "labels_key": [labels_key] if labels_key else [],
