@@ -11,9 +11,9 @@ All data is small so tests stay fast, and deterministic (fixed seeds).
   once per session. Treat them as read-only.
 - ``zarr_input``: :class:`~pathlib.Path` to a 600 × 250 sparse (CSR) AnnData written with
   ``AnnData.write_zarr`` in zarr format 3; fresh per test.
-- ``s3``: an :class:`S3` bucket on a moto S3 server on 127.0.0.1, one per session. The server runs
-  in a child process: hosted in the test process, a read through zarrs (which waited for S3 while
-  holding the GIL) kept the server thread from answering and hung. ``prefix``: a key prefix of the
+- ``s3``: an :class:`S3` bucket on a moto S3 server on 127.0.0.1, one per session, in a child process
+  (so that the server's work does not share the test process's GIL and cores with what is measured;
+  ``tests/test_urls.py`` hosts one in the reading process on purpose). ``prefix``: a key prefix of the
   test's own.
 """
 

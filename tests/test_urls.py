@@ -223,3 +223,58 @@ def test_annbatch_train_from_a_url(s3: S3, prefix: str, tmp_path: Path):
     assert "val/acc" in done.stdout
     config = next(tmp_path.rglob(".hydra/config.yaml")).read_text()
     assert _url(prefix) in config and s3.secret not in config  # credentials stay in the environment
+
+
+_IN_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import faulthandler, json, sys, threading, time, warnings
+    warnings.filterwarnings("ignore")
+    faulthandler.dump_traceback_later(90, exit=True)  # a stall fails the test instead of hanging it
+    import boto3
+    from moto.server import ThreadedMotoServer
+    import annbatch
+    from annbatch.synthetic import make_adata
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # in this very process
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="a",
+                 aws_secret_access_key="b").create_bucket(Bucket="in-process")
+    options = {"endpoint": endpoint, "access_key_id": "a", "secret_access_key": "b", "region": "us-east-1",
+               "client_options": {"allow_http": True}}
+    annbatch.Collection("s3://in-process/cells.zarr", storage_options=options).add_adatas(
+        [make_adata(2_000, 200, seed=0)], seed=0, dataset_size=1_000, progress=False)
+
+    ticks, done = [], threading.Event()
+    def tick():  # another Python thread, as a training loop's or a logger's would be
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.01)
+    threading.Thread(target=tick, daemon=True).start()
+    coll = annbatch.Collection("s3://in-process/cells.zarr", mode="r", storage_options=options)
+    start = time.perf_counter()
+    rows = sum(b["X"].shape[0] for b in coll.loader(batch_size=256, chunk_size=32, preload_nchunks=8))
+    seconds = time.perf_counter() - start
+    done.set()
+    gap = max(b - a for a, b in zip(ticks, ticks[1:]))
+    print(json.dumps({"rows": rows, "seconds": seconds, "longest_gap": gap}))
+    server.stop()
+    """
+)
+
+
+def test_remote_reads_leave_the_gil_to_other_threads(tmp_path: Path):
+    """An S3 server in the reading process itself answers while the loader reads from it.
+
+    zarrs' pipeline fetched from object storage holding the GIL: the server's threads could not run
+    until the request timed out (30-180 s per read). Remote arrays now read through zarr-python and
+    obstore's async API, which waits without the GIL.
+    """
+    script = tmp_path / "in_process.py"
+    script.write_text(_IN_PROCESS_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["rows"] == 2_000
+    assert result["seconds"] < 30, result
+    assert result["longest_gap"] < 2.0, result  # the other thread kept running throughout

@@ -58,7 +58,7 @@ def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str, complete: boo
     ``complete``: the element belongs to an annbatch collection, whose writer stores every shard, so
     a missing shard file is an error rather than fill values.
     """
-    with zarrs_pipeline():  # arrays pick their codec pipeline when opened
+    with zarrs_pipeline(elem.store):  # arrays pick their codec pipeline when opened
         if isinstance(elem, zarr.Array):
             return Backing("dense", tuple(elem.shape), np.dtype(elem.dtype), array=_fastest(elem, complete),
                            origin=zarr.Array)  # fmt: skip

@@ -83,7 +83,7 @@ class Datasets:
 
     def _open_datasets(self) -> Iterator[zarr.Group]:
         """The datasets' groups, read-only: what annbatch itself reads through."""
-        with zarrs_pipeline():
+        with zarrs_pipeline(self._group.store):
             for key in self.dataset_keys:
                 yield zarr.open_group(self._group.store, path=self._child(key), mode="r")
 

@@ -8,20 +8,36 @@ from contextlib import contextmanager
 from typing import Any
 
 import zarr
+from zarr.abc.store import Store
+from zarr.storage import LocalStore, MemoryStore, WrapperStore
 
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
 
 @contextmanager
-def zarrs_pipeline() -> Iterator[None]:
-    """Open and use zarr arrays with the zarrs codec pipeline inside this block.
+def zarrs_pipeline(store: Store | None = None) -> Iterator[None]:
+    """Open and use zarr arrays with the zarrs codec pipeline inside this block (local stores only).
 
     zarr picks an array's codec pipeline when the array is opened, so arrays must be opened in the block.
     zarrs decodes and encodes chunks in Rust threads that release the GIL; for codecs it does not
     support it falls back to zarr-python's own pipeline.
+
+    Arrays of any ``store`` other than a local folder keep zarr-python's pipeline: zarrs fetches from
+    object storage in Rust while holding the GIL, so every other thread of the process (a training
+    loop's, a server's in the same process) would wait for each network read to finish. zarr-python
+    reads through obstore's async API, which waits without the GIL.
     """
+    if store is not None and not _is_local(store):
+        yield
+        return
     with zarr.config.set({"codec_pipeline.path": ZARRS_PIPELINE}):
         yield
+
+
+def _is_local(store: Store) -> bool:
+    while isinstance(store, WrapperStore):
+        store = store._store
+    return isinstance(store, LocalStore | MemoryStore)
 
 
 @contextmanager

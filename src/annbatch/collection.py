@@ -256,7 +256,7 @@ class Collection(Datasets):
         if not self._writable:
             yield from self._open_datasets()
             return
-        with self._write_lock(), zarrs_pipeline():
+        with self._write_lock(), zarrs_pipeline(self._group.store):
             for key in self.dataset_keys:
                 path = self._child(key)
                 drop_consolidated(self._group.store, path)

@@ -125,7 +125,7 @@ def write_anndata(
     if isinstance(compressors, str) and compressors != "auto":
         raise ValueError(f"`compressors` must be 'auto', None or zarr codec(s), got {compressors!r}.")
     # Small elements are written by anndata unsharded; row-aligned arrays get our own layout below.
-    with zarrs_pipeline(), ad.settings.override(auto_shard_zarr_v3=False, allow_write_nullable_strings=True):
+    with zarrs_pipeline(target.store), ad.settings.override(auto_shard_zarr_v3=False, allow_write_nullable_strings=True):
         target.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         ad.io.write_elem(target, "obs", obs)
         ad.io.write_elem(target, "var", var)
