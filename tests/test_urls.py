@@ -35,14 +35,6 @@ BUILD = {"seed": 0, "dataset_size": 300, "shuffle_chunk_size": 25, "n_obs_per_ch
          "progress": False}  # fmt: skip
 
 
-def _options(s3: S3) -> dict:
-    return s3.storage_options()
-
-
-def _env(s3: S3) -> dict[str, str]:
-    return s3.environment()
-
-
 def _url(prefix: str) -> str:
     return f"s3://annbatch-test/{prefix}/cells.zarr"
 
@@ -66,11 +58,11 @@ def _assert_holds(coll: Collection, inputs) -> None:
 
 def test_create_append_and_read_by_url(s3: S3, prefix: str):
     first, second = make_adata(260, 30, seed=1, obs_prefix="a"), make_adata(140, 30, seed=2, obs_prefix="b")
-    coll = Collection(_url(prefix), storage_options=_options(s3))
+    coll = Collection(_url(prefix), storage_options=s3.storage_options())
     coll.add_adatas([first], **BUILD)
     coll.add_adatas([second], **{**BUILD, "seed": 1})
     assert "cells.zarr/zarr.json" in s3.keys(prefix)
-    again = Collection(_url(prefix), mode="r", storage_options=_options(s3))
+    again = Collection(_url(prefix), mode="r", storage_options=s3.storage_options())
     assert again.n_obs == 400
     _assert_holds(again, [first, second])
     shown = repr(again)
@@ -79,8 +71,8 @@ def test_create_append_and_read_by_url(s3: S3, prefix: str):
 
 def test_credentials_from_the_environment(s3: S3, prefix: str, monkeypatch):
     adata = make_adata(150, 20, seed=3)
-    Collection(_url(prefix), storage_options=_options(s3)).add_adatas([adata], **BUILD)
-    for key, value in _env(s3).items():
+    Collection(_url(prefix), storage_options=s3.storage_options()).add_adatas([adata], **BUILD)
+    for key, value in s3.environment().items():
         monkeypatch.setenv(key, value)
     coll = Collection(_url(prefix), mode="r")  # no storage_options: obstore reads AWS_*
     _assert_holds(coll, [adata])
@@ -95,7 +87,7 @@ def test_file_url_is_a_local_path(tmp_path: Path):
 
 
 def test_missing_foreign_and_misconfigured_urls(s3: S3, prefix: str):
-    options = _options(s3)
+    options = s3.storage_options()
     with pytest.raises(CollectionError, match=r"No collection at 's3://.*/cells.zarr'.*annbatch convert"):
         Collection(_url(prefix), mode="r", storage_options=options)
     assert s3.keys(prefix) == []  # reading created nothing
@@ -121,7 +113,7 @@ def test_cli_convert_and_info_by_url(s3: S3, prefix: str, tmp_path: Path):
         adata = make_adata(200, 25, seed=10 + i, obs_prefix=f"f{i}")
         paths.append(tmp_path / f"in{i}.h5ad")
         adata.write_h5ad(paths[-1])
-    url, env = _url(prefix), _env(s3)
+    url, env = _url(prefix), s3.environment()
     done = _cli("convert", *map(str, paths), "-o", url, "--seed", "0", "-q", env=env)
     assert done.returncode == 0, done.stderr
     assert url in done.stdout and "400 obs" in done.stdout
@@ -142,7 +134,7 @@ def test_failed_first_convert_leaves_no_collection_behind(s3: S3, prefix: str, t
     make_adata(100, 20, seed=1).write_h5ad(good)
     broken = tmp_path / "broken.h5ad"
     broken.write_bytes(b"not an h5ad file")
-    done = _cli("convert", str(good), str(broken), "-o", _url(prefix), "-q", env=_env(s3))
+    done = _cli("convert", str(good), str(broken), "-o", _url(prefix), "-q", env=s3.environment())
     assert done.returncode == 2 and "broken.h5ad" in done.stderr
     assert s3.keys(prefix) == []
 
@@ -151,8 +143,8 @@ def test_datamodule_by_url(s3: S3, prefix: str):
     pytest.importorskip("lightning")
     from annbatch.lightning import CollectionDataModule
 
-    Collection(_url(prefix), storage_options=_options(s3)).add_adatas([make_adata(300, 20, seed=5)], **BUILD)
-    dm = CollectionDataModule(_url(prefix), storage_options=_options(s3), batch_size=32, chunk_size=16,
+    Collection(_url(prefix), storage_options=s3.storage_options()).add_adatas([make_adata(300, 20, seed=5)], **BUILD)
+    dm = CollectionDataModule(_url(prefix), storage_options=s3.storage_options(), batch_size=32, chunk_size=16,
                               preload_nchunks=4, return_index=True, to=None)  # fmt: skip
     train = np.concatenate([np.asarray(b["index"]) for b in dm.train_dataloader()])
     val = np.concatenate([np.asarray(b["index"]) for b in dm.val_dataloader()])
@@ -194,10 +186,10 @@ _DDP_SCRIPT = textwrap.dedent(
 def test_ddp_two_ranks_train_from_s3(s3: S3, prefix: str, tmp_path: Path):
     """Two gloo ranks read a collection on S3 by URL: every row once per epoch, across the ranks."""
     pytest.importorskip("lightning")
-    Collection(_url(prefix), storage_options=_options(s3)).add_adatas([make_adata(1_024, 30, seed=6)], **BUILD)
+    Collection(_url(prefix), storage_options=s3.storage_options()).add_adatas([make_adata(1_024, 30, seed=6)], **BUILD)
     script = tmp_path / "ddp_s3.py"
     script.write_text(_DDP_SCRIPT)
-    env = {**os.environ, **_env(s3), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **s3.environment(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(script), _url(prefix), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,11 +205,11 @@ def test_annbatch_train_from_a_url(s3: S3, prefix: str, tmp_path: Path):
     """`annbatch train data.path=s3://...`: the Hydra run reads the collection from object storage."""
     pytest.importorskip("lightning")
     pytest.importorskip("hydra")
-    Collection(_url(prefix), storage_options=_options(s3)).add_adatas([make_adata(600, 40, seed=7)], **BUILD)
+    Collection(_url(prefix), storage_options=s3.storage_options()).add_adatas([make_adata(600, 40, seed=7)], **BUILD)
     args = [f"data.path={_url(prefix)}", "data.batch_size=64", "data.chunk_size=16", "data.preload_nchunks=8",
             "trainer.max_epochs=1", "callbacks.progress_bar.refresh_rate=0"]  # fmt: skip
     done = subprocess.run([sys.executable, "-c", "import sys, annbatch.cli; sys.exit(annbatch.cli.main())",
-                           "train", *args], cwd=tmp_path, env={**os.environ, **_env(s3)}, capture_output=True,
+                           "train", *args], cwd=tmp_path, env={**os.environ, **s3.environment()}, capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "val/acc" in done.stdout
