@@ -688,3 +688,78 @@ def test_nullable_boolean_with_missing_values(tmp_path: Path):
         return
     values = next(iter(loader))["obs"]["flag"]
     assert values.dtype != object, f"flag yielded as {values.dtype}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what the loader holds per row (issue 10): compact codes, shared with the key sampler, no obs names
+# ---------------------------------------------------------------------------------------------------------
+def test_codes_held_in_the_smallest_dtype_and_yielded_as_int64(sparse_ref: Ref):
+    loader = sparse_ref.coll.loader(batch_size=48, chunk_size=16, preload_nchunks=4, seed=0,
+                                    obs_keys=KEYS, batch_key="donor")  # fmt: skip
+    held = loader._batch_obs._codes
+    assert held is not None
+    for key in CATEGORICAL:  # a handful of categories: one byte a row, not eight
+        assert held.arrays[key].dtype == np.int8, key
+    assert held.arrays["n_counts"].dtype == np.float64  # numeric columns keep their dtype
+    batch = next(iter(loader))
+    for key in CATEGORICAL:
+        assert batch["obs"][key].dtype == np.int64, key
+    assert batch["batch"].dtype == np.int64
+
+
+@pytest.mark.parametrize(("n_categories", "dtype"), [(2, np.int8), (126, np.int8), (127, np.int16),
+                                                     (1000, np.int16), (40_000, np.int32)])  # fmt: skip
+def test_codes_dtype_follows_pandas(n_categories: int, dtype):
+    from annbatch._obs import ObsTable, codes_dtype
+
+    assert codes_dtype(n_categories) == dtype
+    codes = np.arange(300) % n_categories
+    codes[0] = -1
+    categories = [f"c{i}" for i in range(n_categories)]
+    obs = pd.DataFrame({"k": pd.Categorical.from_codes(codes, categories=categories)})
+    table = ObsTable(obs, ["k"])
+    assert table.arrays["k"].dtype == dtype
+    # pandas keeps codes in the same dtype, so rebuilding a Categorical (as the key samplers do) copies nothing
+    rebuilt = pd.Categorical.from_codes(table.arrays["k"], categories=table.categories["k"])
+    assert np.shares_memory(np.asarray(rebuilt.codes), table.arrays["k"])
+    np.testing.assert_array_equal(table.take(np.arange(300))["k"], codes)
+    assert table.take(np.arange(3))["k"].dtype == np.int64
+
+
+@pytest.mark.parametrize("batch_sampler", ["homogeneous", "balanced"])
+def test_key_sampler_shares_the_codes(imbalanced_ref: Ref, batch_sampler: str):
+    loader = imbalanced_ref.coll.loader(batch_size=32, chunk_size=16, preload_nchunks=4, seed=0,
+                                        batch_sampler=batch_sampler, batch_key="donor")  # fmt: skip
+    assert np.shares_memory(loader.batch_sampler.codes, loader._batch_obs.codes("donor"))
+
+
+def test_loader_does_not_read_obs_names(sparse_ref: Ref, monkeypatch: pytest.MonkeyPatch):
+    """Obs names (one string per row, most of obs' size) are never yielded, so the loader leaves them on disk."""
+    coll = annbatch.Collection(sparse_ref.coll.group.store.root, mode="r")
+    expected = coll.obs(columns=["cell_type", "n_counts"])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the loader read the obs names")
+
+    monkeypatch.setattr(ad.io, "read_elem", _refusing_index(ad.io.read_elem, refuse))
+    with pytest.raises(AssertionError, match="obs names"):  # the patch sees what `obs()` reads
+        coll.obs(columns=["cell_type"])
+    loader = coll.loader(batch_size=48, chunk_size=16, preload_nchunks=4, seed=0, return_index=True,
+                         obs_columns=["cell_type", "n_counts"])  # fmt: skip
+    frames = coll._obs_columns(["cell_type", "n_counts"])
+    assert isinstance(frames.index, pd.RangeIndex)
+    pd.testing.assert_frame_equal(frames, expected.reset_index(drop=True))
+    for batch in loader:
+        want = expected.iloc[batch["index"]].reset_index(drop=True)
+        pd.testing.assert_frame_equal(batch["obs"], want)
+
+
+def _refusing_index(read_elem, refuse):
+    """``read_elem`` that fails on an obs index array (``obs/_index``)."""
+
+    def read(elem, *args, **kwargs):
+        if str(getattr(elem, "path", "")).endswith("obs/_index"):
+            refuse()
+        return read_elem(elem, *args, **kwargs)
+
+    return read

@@ -573,3 +573,32 @@ def test_custom_samplers_doc_examples():
     namespace: dict = {}
     for block in runnable:
         exec(compile(block, "custom_samplers.md", "exec"), namespace)
+
+
+# -- planning at scale (issue 10): no per-row or per-chunk Python objects -------------------------------------
+def test_worker_chunks_are_arrays_and_requests_plain_slices():
+    """An epoch's chunks stay two int64 arrays; slices (of Python ints) are made per load only."""
+    sampler = RandomSampler(64, 16, 4, seed=0)
+    starts, stops = sampler._worker_chunks(10_000, np.random.default_rng(0))
+    assert starts.dtype == stops.dtype == np.int64 and len(starts) == len(stops) == 625
+    np.testing.assert_array_equal(np.sort(starts), np.arange(0, 10_000, 16))
+    for request in sampler.sample(10_000):
+        for s in request["requests"]:
+            assert type(s.start) is int and type(s.stop) is int
+
+
+def test_planning_an_epoch_holds_under_a_byte_per_row():
+    """Planning 20M rows holds no per-row array (8 bytes a row) nor a slice object per chunk (~0.5)."""
+    import tracemalloc
+
+    n_obs = 20_000_000
+    sampler = RandomSampler(4096, 256, 32, seed=0)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        requests = sampler.sample(n_obs)
+        next(requests)  # the epoch's plan is made before the first request
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert peak < 0.25 * n_obs

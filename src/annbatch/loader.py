@@ -198,7 +198,7 @@ class Loader(_Base):
                 backing_from_zarr(group[key], name=f"{group.path}/{key}", complete=as_written(group))
                 for group in collection._open_datasets()
             ]
-            self._obs_reader = collection.obs
+            self._obs_reader = collection._obs_columns  # without the obs names, which batches never carry
             self._add_backings(backings, [None] * len(backings), var=collection.var)
         self._snapshot = snapshot
         return self

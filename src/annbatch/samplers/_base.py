@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from annbatch.abc import Sampler
-from annbatch.samplers._chunks import _iter_loads, _n_batches, _worker_rows
+from annbatch.samplers._chunks import Runs, _iter_loads, _n_batches, _worker_rows
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Iterator
 
     from annbatch.types import LoadRequest
 
@@ -187,9 +187,7 @@ class _ChunkedSampler(Sampler):
     def _stream_rng(self, *stream: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(self._epoch, *stream)))
 
-    def _load_requests(
-        self, chunks: Sequence[slice], rng: np.random.Generator | None
-    ) -> Iterator[LoadRequest]:
+    def _load_requests(self, chunks: Runs, rng: np.random.Generator | None) -> Iterator[LoadRequest]:
         """Load requests of the current worker's ordered ``chunks``, partial batches carried."""
         return _iter_loads(
             chunks,

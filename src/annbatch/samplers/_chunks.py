@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Iterator
 
     from annbatch.types import LoadRequest
 
@@ -32,14 +32,31 @@ def _n_batches(rows: int, batch_size: int, drop_last: bool) -> int:
     return n_full + int(bool(rest) and not drop_last)
 
 
-def _merge_slices(slices: Sequence[slice]) -> list[slice]:
-    """Join slices that continue each other, so the loader issues fewer, larger reads."""
+Runs = tuple[np.ndarray, np.ndarray]
+"""Row ranges as two int64 arrays, ``(starts, stops)``: a worker's chunks in reading order.
+
+Kept as arrays, not as a list of slices: 100M rows are 400K chunks, and as many slice objects cost
+tens of MB and, through the garbage collector's passes over them, half a second per epoch. Slices
+are made per load, for its request.
+"""
+
+
+def _merge_runs(starts: np.ndarray, stops: np.ndarray) -> list[slice]:
+    """Slices of the row ranges, joined where one continues the previous: fewer, larger reads.
+
+    A load's few dozen ranges: plain Python on lists beats numpy's per-call overhead here.
+    """
     merged: list[slice] = []
-    for s in slices:
-        if merged and merged[-1].stop == s.start:
-            merged[-1] = slice(merged[-1].start, s.stop)
-        else:
-            merged.append(s)
+    first = last = -1
+    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        if a == last:
+            last = b
+            continue
+        if last >= 0:
+            merged.append(slice(first, last))
+        first, last = a, b
+    if last >= 0:
+        merged.append(slice(first, last))
     return merged
 
 
@@ -67,7 +84,7 @@ def _group_chunks(lengths: np.ndarray, preload_nchunks: int, batch_size: int) ->
 
 
 def _iter_loads(
-    chunks: Sequence[slice],
+    chunks: Runs,
     *,
     batch_size: int,
     preload_nchunks: int,
@@ -79,7 +96,7 @@ def _iter_loads(
     Parameters
     ----------
     chunks
-        Row ranges in the order they should be consumed.
+        Row ranges ``(starts, stops)`` in the order they should be consumed.
     batch_size
         Rows per mini-batch.
     preload_nchunks
@@ -94,7 +111,8 @@ def _iter_loads(
     LoadRequest
         Every request has at least one split.
     """
-    lengths = np.fromiter((s.stop - s.start for s in chunks), dtype=np.int64, count=len(chunks))
+    starts, stops = chunks
+    lengths = stops - starts
     groups = _group_chunks(lengths, preload_nchunks, batch_size)
     if drop_last and groups:
         i, j = groups[-1]
@@ -111,7 +129,7 @@ def _iter_loads(
         n_full = n_loaded // batch_size
         splits = [order[b * batch_size : (b + 1) * batch_size] for b in range(n_full)]
         rest = order[n_full * batch_size :]
-        request: LoadRequest = {"requests": _merge_slices(chunks[i:j]), "splits": splits}
+        request: LoadRequest = {"requests": _merge_runs(starts[i:j], stops[i:j]), "splits": splits}
         if is_last:
             if len(rest) and not drop_last:
                 splits.append(rest)
@@ -121,10 +139,10 @@ def _iter_loads(
         yield request
 
 
-def _take_rows(starts: np.ndarray, lengths: np.ndarray, budget: int) -> list[slice]:
+def _take_rows(starts: np.ndarray, lengths: np.ndarray, budget: int) -> Runs:
     """The first chunks (``starts``, ``lengths``, in order) that hold ``budget`` rows, the last one shortened."""
     n_used = int(np.searchsorted(np.cumsum(lengths), budget, side="left")) + 1
-    starts = starts[:n_used]
+    starts = starts[:n_used].astype(np.int64)
     stops = starts + lengths[:n_used]
     stops[-1] -= int(lengths[:n_used].sum()) - budget
-    return [slice(int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
+    return starts, stops

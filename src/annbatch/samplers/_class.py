@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from annbatch.samplers._base import _ChunkedSampler
-from annbatch.samplers._chunks import _merge_slices
+from annbatch.samplers._chunks import _merge_runs
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -560,7 +560,8 @@ class ClassSampler(_LabelledSampler):
         for load in order[self._worker_id :: self._num_workers]:
             lo, hi = int(ptr[load]), int(ptr[load + 1])
             by_row = np.argsort(pieces[0, lo:hi], kind="stable")
-            slices = [slice(int(a), int(b)) for a, b in pieces[:, lo:hi][:, by_row].T]
+            starts, stops = pieces[:, lo:hi][:, by_row]
             n = int(load_size[load])
             rows = worker_rng.permutation(n) if self._shuffle else np.arange(n, dtype=np.int64)
-            yield {"requests": _merge_slices(slices), "splits": [rows[i : i + bs] for i in range(0, n, bs)]}
+            splits = [rows[i : i + bs] for i in range(0, n, bs)]
+            yield {"requests": _merge_runs(starts, stops), "splits": splits}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from annbatch.samplers._base import _ChunkedSampler
-from annbatch.samplers._chunks import _take_rows
+from annbatch.samplers._chunks import Runs, _take_rows
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -135,7 +135,7 @@ class RandomSampler(_ChunkedSampler):
                 "replacement; reduce num_samples or pass replacement=True"
             )
 
-    def _worker_chunks(self, n_obs: int, worker_rng: np.random.Generator) -> list[slice]:
+    def _worker_chunks(self, n_obs: int, worker_rng: np.random.Generator) -> Runs:
         """Chunks of the current worker, in reading order, holding exactly its share of the epoch's rows."""
         start, stop = self._bounds(n_obs)
         cs = self._chunk_size
@@ -143,7 +143,7 @@ class RandomSampler(_ChunkedSampler):
         last_len = (stop - start) - (n_chunks - 1) * cs
         budget = self._worker_budget(n_obs)
         if budget == 0:
-            return []
+            return np.empty(0, np.int64), np.empty(0, np.int64)
         if self._replacement:
             ids = self._draw_with_replacement(n_chunks, last_len, budget, worker_rng)
         else:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from annbatch.samplers._base import _ChunkedSampler
-from annbatch.samplers._chunks import _n_batches
+from annbatch.samplers._chunks import Runs, _n_batches
 from annbatch.samplers._class import _build_chunks
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class SubsetSampler(_ChunkedSampler):
         if self._selected[-1] >= n_obs:
             raise ValueError(f"rows names row {self._selected[-1]} but the collection has {n_obs} rows")
 
-    def _worker_chunks(self, n_obs: int) -> list[slice]:
+    def _worker_chunks(self, n_obs: int) -> Runs:
         """Chunks of the current worker in reading order: the epoch's chunk order dealt round-robin."""
         self.validate(n_obs)
         bounds = self._bounds(n_obs)
@@ -119,8 +119,8 @@ class SubsetSampler(_ChunkedSampler):
         if self._shuffle:
             order = self._stream_rng(_ORDER_STREAM).permutation(order)
         order = order[self._worker_id :: self._num_workers]
-        starts, lengths = all_starts[order], all_lengths[order]
-        return [slice(int(a), int(a + n)) for a, n in zip(starts, lengths, strict=True)]
+        starts = all_starts[order]
+        return starts, starts + all_lengths[order]
 
     def n_batches(self, n_obs: int) -> int:
         """Number of mini-batches :meth:`sample` yields for the current epoch and worker.
@@ -135,7 +135,8 @@ class SubsetSampler(_ChunkedSampler):
         int
             The number of mini-batches.
         """
-        rows = sum(s.stop - s.start for s in self._worker_chunks(n_obs))
+        starts, stops = self._worker_chunks(n_obs)
+        rows = int((stops - starts).sum())
         return _n_batches(rows, self._batch_size, self._drop_last)
 
     def _sample(self, n_obs: int) -> Iterator[LoadRequest]:

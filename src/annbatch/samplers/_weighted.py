@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from annbatch.samplers._chunks import _take_rows
+from annbatch.samplers._chunks import Runs, _take_rows
 from annbatch.samplers._class import _WORKER_STREAM, _Chunks, _LabelledSampler, _resolve_weights
 
 if TYPE_CHECKING:
@@ -176,7 +176,7 @@ class WeightedSampler(_LabelledSampler):
         w = self._weights(self._chunks(n_obs))
         return pd.Series(w / w.sum(), index=self._categories)
 
-    def _draw_chunks(self, chunks: _Chunks, budget: int, rng: np.random.Generator) -> list[slice]:
+    def _draw_chunks(self, chunks: _Chunks, budget: int, rng: np.random.Generator) -> Runs:
         """Chunks drawn with replacement until ``budget`` rows, the last one truncated."""
         length = chunks.length.astype(np.float64)
         code = chunks.code()
