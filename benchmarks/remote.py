@@ -6,14 +6,15 @@ to a cloud object store from a nearby machine). A sparse collection (cached unde
 is uploaded to the server once per run. The loader then reads the same rows from local disk, from the
 server directly, and through the proxy, for several ``chunk_size`` values at a fixed load size and
 several request concurrencies (zarr's ``async.concurrency``). Printed: cells/s (median of the rounds)
-and the share of the local-disk figure of the same round.
+and the share of the local-disk figure of the same round. First, the time a commit takes to move one
+dataset through the proxy, by the number of objects copied at once.
 
 moto is a Python server and slower than a real object store, so "S3 direct" is what this machine can
 serve at all; the latency columns show what the added round trips cost on top of it.
 
 Usage::
 
-    python benchmarks/remote.py [--rounds 3] [--latency-ms 20] [--loads 6] [--n-obs-per-chunk 32]
+    python benchmarks/remote.py [--rounds 3] [--latency-ms 20] [--loads 6] [--n-obs-per-chunk 32] [--commit-only]
 """
 
 from __future__ import annotations
@@ -128,12 +129,28 @@ def _rate(location, options, chunk_size: int, concurrency: int, loads: int) -> f
         return rows / (time.perf_counter() - start)
 
 
+def _commit_seconds(url: str, options: dict, concurrency: int) -> float:
+    """Seconds to move one dataset (server-side copies of its objects, then deletes) as a commit does."""
+    import annbatch
+    from annbatch import _staging
+
+    coll = annbatch.Collection(url, storage_options=options)
+    staging = _staging.Staging(coll._group)
+    _staging._COPY_CONCURRENCY = concurrency
+    start = time.perf_counter()
+    staging._move("dataset_0", ".staging/moved")
+    seconds = time.perf_counter() - start
+    staging._move(".staging/moved", "dataset_0")  # put it back for the next measurement
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--latency-ms", type=float, default=20.0)
     parser.add_argument("--loads", type=int, default=6, help="loads of 8,192 rows measured per configuration")
     parser.add_argument("--n-obs-per-chunk", type=int, default=32, help="rows per stored chunk (one GET each)")
+    parser.add_argument("--commit-only", action="store_true", help="only time the commit's object copies")
     parser.add_argument("--proxy", nargs=2, type=float, metavar=("UPSTREAM_PORT", "LATENCY_MS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.proxy:
@@ -151,6 +168,16 @@ def main() -> None:
         direct, delayed = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{proxy_port}"
         _upload(local, direct)
         url = f"s3://{BUCKET}/cells.zarr"
+        commit: dict[int, list[float]] = {}
+        for _ in range(args.rounds):
+            for c in (1, 4, 16):
+                commit.setdefault(c, []).append(_commit_seconds(f"s3://{BUCKET}/cells.zarr", _options(delayed), c))
+        n_objects = sum(1 for f in (local / "dataset_0").rglob("*") if f.is_file())
+        print(f"commit: moving one dataset ({n_objects} objects) through the +{args.latency_ms:g} ms proxy")
+        for c, times in commit.items():
+            print(f"  {c:>2} copies at once: {statistics.median(times):6.2f} s")
+        if args.commit_only:
+            return
         configs = [(cs, c) for cs in (256, 1024) for c in (10, 64) if cs >= args.n_obs_per_chunk]
         results: dict[tuple, list[float]] = {}
         for _ in range(args.rounds):

@@ -12,13 +12,15 @@ first move, the versions of the datasets about to be replaced are raised, so loa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
 
+import obstore
 import zarr
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, ObjectStore
 
 from annbatch._datasets import record_rewrite
 from annbatch.errors import CommitError
@@ -26,6 +28,9 @@ from annbatch.errors import CommitError
 STAGING = ".staging"
 _JOURNAL = f"{STAGING}/journal.json"
 _OLD = f"{STAGING}/_replaced"
+# Objects copied at once when moving a dataset on object storage (server-side copies: each costs a
+# request, no memory here).
+_COPY_CONCURRENCY = 16
 
 
 class Staging:
@@ -123,12 +128,26 @@ class Staging:
     async def _copy_prefix(self, src: str, dst: str) -> None:
         await self._store.delete_dir(dst)
         keys = [k async for k in self._store.list_prefix(f"{src}/")]
-        # The group's own zarr.json last: until then the destination is not a complete node.
-        keys.sort(key=lambda k: k == f"{src}/zarr.json")
-        for key in keys:
-            buf = await self._store.get(key, prototype=_prototype())
-            assert buf is not None, f"{key} vanished while being copied"  # the writer holds the lock
-            await self._store.set(dst + key[len(src) :], buf)
+        own = f"{src}/zarr.json"
+        limit = asyncio.Semaphore(_COPY_CONCURRENCY)
+
+        async def copy(key: str) -> None:
+            async with limit:
+                await self._copy_object(key, dst + key[len(src) :])
+
+        # Objects are copied many at once (object storage answers each request after a round trip);
+        # the group's own zarr.json last: until then the destination is not a complete node.
+        await asyncio.gather(*(copy(k) for k in keys if k != own))
+        if own in keys:
+            await copy(own)
+
+    async def _copy_object(self, src: str, dst: str) -> None:
+        if isinstance(self._store, ObjectStore):  # the service copies it: no bytes through this process
+            await obstore.copy_async(self._store.store, src, dst)
+            return
+        buf = await self._store.get(src, prototype=_prototype())
+        assert buf is not None, f"{src} vanished while being copied"  # the writer holds the lock
+        await self._store.set(dst, buf)
 
     def _remove(self, key: str) -> None:
         if self._root is not None:
