@@ -23,6 +23,7 @@ from annbatch._zarr import zarrs_pipeline
 from annbatch.abc import Sampler
 from annbatch.errors import CollectionError, CollectionLockedError, rename_parameters
 from annbatch.preshuffle import add_adatas as _add_adatas
+from annbatch.preshuffle._executor import Executor
 from annbatch.preshuffle._inputs import InputLike, LoadAdata
 from annbatch.writer import CompressorsLike
 
@@ -295,6 +296,7 @@ class Collection(Datasets):
         h5ad_compressor: Literal["gzip", "lzf"] | None = None,
         progress: bool = True,
         lock_timeout: float = 10.0,
+        executor: Executor | None = None,
     ) -> Collection:
         """Convert AnnData inputs into the collection (create on the first call, append afterwards).
 
@@ -358,6 +360,16 @@ class Collection(Datasets):
         lock_timeout
             Seconds to wait while another process writes to the collection (one writer at a time, see
             :ref:`concurrent-writers`) before raising :class:`CollectionLockedError`, which names it.
+        executor
+            Where to build the output datasets: a :class:`concurrent.futures.Executor` (e.g. a
+            ``ProcessPoolExecutor``) or a ``dask.distributed.Client``. Each dataset is an independent
+            task that reads its rows from the inputs and writes its staged dataset; this process plans
+            and commits. The same seed gives the same collection as without an executor. Workers must
+            see the inputs' paths and the collection (a shared file system or object storage); AnnData
+            objects are sent to them whole (pass paths for large ones). ``memory_limit`` and
+            ``dataset_size`` bound each task's memory. A dask worker that dies has its task retried
+            elsewhere (the task rewrites its dataset from scratch); any other failure stops the call
+            and leaves the collection as it was. ``None``: build the datasets here, one at a time.
 
         Returns
         -------
@@ -399,7 +411,7 @@ class Collection(Datasets):
                     dataset_size=dataset_size, shuffle_chunk_size=shuffle_chunk_size, groupby=groupby,
                     var_subset=var_subset, join=join, merge=merge, load_adata=load_adata,
                     memory_limit=memory_limit, n_obs_per_chunk=n_obs_per_chunk, shard_size=shard_size,
-                    compressors=compressors, progress=progress,
+                    compressors=compressors, progress=progress, executor=executor,
                 )  # fmt: skip
             except (ValueError, TypeError) as err:
                 _respell(err, spelled)

@@ -19,7 +19,8 @@ from annbatch._staging import Staging
 from annbatch.writer import CompressorsLike, min_index_dtype
 
 from ._build import DatasetTask, SourceSpec, build_dataset
-from ._inputs import InputAnnData, InputError, InputLike, LoadAdata, _from_store, open_input
+from ._executor import Executor, make_jobs, run_jobs
+from ._inputs import InputAnnData, InputError, InputLike, InputOrigin, LoadAdata, from_store, open_input
 from ._plan import (
     Block,
     ElementSpec,
@@ -63,6 +64,7 @@ def add_adatas(
     shard_size: str | int = "1GB",
     compressors: CompressorsLike = "auto",
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> None:
     """See :meth:`annbatch.Collection.add_adatas`."""
     if isinstance(inputs, str | os.PathLike | ad.AnnData):
@@ -81,7 +83,10 @@ def add_adatas(
     )
     opened: list[InputAnnData] = []
     try:
-        existing = [_from_store(group, name=group.basename) for group in collection._open_datasets()]
+        existing = [
+            from_store(group, name=group.basename, origin=InputOrigin(group=group))
+            for group in collection._open_datasets()
+        ]
         groupby = _collection_groupby(collection, groupby, appending=bool(existing))
         # In-memory inputs are named "<AnnData #i>", numbered after those already in the collection.
         first = _n_anndata_sources(existing)
@@ -89,7 +94,7 @@ def add_adatas(
             opened.append(open_input(item, load_adata=load_adata, index=first + i))
         _run(collection, opened, existing, shuffle=shuffle, rng=rng, dataset_size=dataset_size,
              shuffle_chunk_size=shuffle_chunk_size, groupby=groupby, var_subset=var_subset, join=join,
-             merge=merge, limit=limit, progress=progress,
+             merge=merge, limit=limit, progress=progress, executor=executor,
              write_kwargs={"n_obs_per_chunk": n_obs_per_chunk, "shard_size": shard_size,
                            "compressors": compressors})  # fmt: skip
     finally:
@@ -98,7 +103,7 @@ def add_adatas(
 
 
 def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk_size, groupby, var_subset,
-         join, merge, limit, progress, write_kwargs) -> None:  # fmt: skip
+         join, merge, limit, progress, executor, write_kwargs) -> None:  # fmt: skip
     check_inputs(new, groupby)
     existing_var = existing[0].var if existing else None
     var_space = plan_var_space(new, join=join, var_subset=var_subset, existing_var=existing_var, merge=merge)
@@ -168,8 +173,11 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
         collection.group.attrs[GROUPBY_ATTR] = list(groupby)
     staging = Staging(collection.group)
     try:
-        for name, task in tqdm(tasks.items(), desc="Writing datasets", unit="dataset", disable=not progress):
-            build_dataset(task, spec, staging.new_group(name), progress=progress)
+        if executor is not None:
+            run_jobs(make_jobs(tasks, spec, staging.new_group), executor, progress=progress)
+        else:
+            for name, task in tqdm(tasks.items(), desc="Writing datasets", unit="dataset", disable=not progress):
+                build_dataset(task, spec, staging.new_group(name), progress=progress)
     except BaseException:
         staging.discard()  # nothing was committed: the collection is as it was
         raise

@@ -50,11 +50,30 @@ class SourceSpec:
 
 def build_dataset(task: DatasetTask, spec: SourceSpec, target: zarr.Group, *, progress: bool = True) -> None:
     """Read the task's rows, permute them (then sort stably by ``groupby``) and write them to ``target``."""
+    obs, order = plan_rows(task, spec)
+    write_rows(task, spec, obs, order, target, progress=progress)
+
+
+def plan_rows(task: DatasetTask, spec: SourceSpec) -> tuple[pd.DataFrame, np.ndarray]:
+    """The dataset's obs in output order, and ``order``: the output position -> the task's row.
+
+    Needs only the sources' obs, so it runs where the plan was made; :func:`write_rows` does the rest.
+    """
     obs = _gather_obs(task.blocks, spec)
     order = _row_order(obs, task)
+    return obs.iloc[order], order
+
+
+def write_rows(
+    task: DatasetTask, spec: SourceSpec, obs: pd.DataFrame, order: np.ndarray, target: zarr.Group,
+    *, progress: bool = True,
+) -> None:  # fmt: skip
+    """Read the arrays of the task's rows from ``spec.sources``, place them in ``order``, write ``target``.
+
+    Uses only the sources' ``elements`` (not their obs): a worker opens just those.
+    """
     inverse = np.empty_like(order)
     inverse[order] = np.arange(len(order))
-    obs = obs.iloc[order]
     arrays: dict[str, np.ndarray | RawCSR] = {}
     with tqdm(total=task.n_obs, desc="reading rows", unit="row", leave=False, disable=not progress) as bar:
         rows = _RowProgress(bar, len(spec.elements))

@@ -47,6 +47,12 @@ class RowElement:
             part = part.compute()
         return np.asarray(part)
 
+    @property
+    def reads_open_file(self) -> bool:
+        """Whether the rows come from an open HDF5 file (a backed AnnData), which cannot be pickled."""
+        arrays = [self._source, getattr(self._source, "data", None), getattr(self._source, "indices", None)]
+        return any(isinstance(a, h5py.Dataset) for a in arrays)
+
     def row_nnz(self, start: int, stop: int) -> np.ndarray:
         """Stored values per row of a CSR element, for rows ``start:stop``."""
         return np.diff(self._source.indptr[start : stop + 1])
@@ -92,6 +98,26 @@ class _DaskCsrSource:
         return RawCSR(block.data, block.indices, block.indptr.astype(np.int64), (stop - start, 0))
 
 
+@dataclass(frozen=True)
+class InputOrigin:
+    """Where an input was opened from, so that another process (an executor's worker) can open it again.
+
+    A path (with the ``load_adata`` that opened it, if any), or a zarr group, which pickles with its store.
+    """
+
+    path: str | None = None
+    load_adata: LoadAdata | None = None
+    group: zarr.Group | None = None
+
+    def open(self, name: str) -> InputAnnData:
+        """Open the input again (close it after use)."""
+        if self.group is not None:
+            with zarrs_pipeline(self.group.store):
+                return from_store(self.group, name=name, origin=self)
+        assert self.path is not None, "an origin is a path or a group"
+        return open_input(self.path, load_adata=self.load_adata)
+
+
 @dataclass
 class InputAnnData:
     """An input opened for conversion: obs and var in memory, row-aligned arrays on disk."""
@@ -101,6 +127,7 @@ class InputAnnData:
     var: pd.DataFrame
     elements: dict[str, RowElement]
     _handle: Any = field(default=None, repr=False)
+    origin: InputOrigin | None = None  # None: an AnnData object, whose arrays travel to workers themselves
 
     @property
     def n_obs(self) -> int:
@@ -125,8 +152,11 @@ def open_input(item: InputLike, *, load_adata: LoadAdata | None = None, index: i
     path = Path(item)
     if not path.exists():
         raise InputError(f"Input {str(path)!r} does not exist. Check the path.")
+    origin = InputOrigin(path=str(path), load_adata=load_adata)
     if load_adata is not None:
-        return _from_anndata(load_adata(str(path)), name=str(path))
+        opened = _from_anndata(load_adata(str(path)), name=str(path))
+        opened.origin = origin
+        return opened
     if path.is_file() and h5py.is_hdf5(path):
         try:
             handle = h5py.File(path, "r")
@@ -134,21 +164,22 @@ def open_input(item: InputLike, *, load_adata: LoadAdata | None = None, index: i
             raise InputError(f"Input {str(path)!r} cannot be read as HDF5 ({err}); it may be damaged or "
                              "incompletely copied. Write it again.") from None  # fmt: skip
         try:
-            return _from_store(handle, name=str(path), handle=handle)
+            return from_store(handle, name=str(path), handle=handle, origin=origin)
         except BaseException:
             handle.close()
             raise
     if path.is_dir() and ((path / "zarr.json").exists() or (path / ".zgroup").exists()):
         with zarrs_pipeline():
             group = zarr.open_group(path, mode="r")
-            return _from_store(group, name=str(path))
+            return from_store(group, name=str(path), origin=origin)
     raise InputError(
         f"Input {str(path)!r} is neither an .h5ad file nor a zarr AnnData store. "
         "Pass paths written by `AnnData.write_h5ad` / `AnnData.write_zarr`, or AnnData objects."
     )
 
 
-def _from_store(root, *, name: str, handle=None) -> InputAnnData:
+def from_store(root, *, name: str, handle=None, origin: InputOrigin | None = None) -> InputAnnData:
+    """Open an AnnData store (an h5py file or zarr group) for conversion."""
     missing = [k for k in ("obs", "var", "X") if k not in root]
     if missing:
         raise InputError(
@@ -168,7 +199,7 @@ def _from_store(root, *, name: str, handle=None) -> InputAnnData:
                               stacklevel=4)  # fmt: skip
                 continue
             elements[f"{mapping}/{key}"] = _element_on_disk(elem, name=name, key=f"{mapping}/{key}")
-    return InputAnnData(name=name, obs=obs, var=var, elements=elements, _handle=handle)
+    return InputAnnData(name=name, obs=obs, var=var, elements=elements, _handle=handle, origin=origin)
 
 
 def _encoding(elem) -> str:
