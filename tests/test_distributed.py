@@ -204,3 +204,21 @@ def test_dask_workers_write_to_s3(s3: S3, prefix: str, tmp_path: Path, h5ad_file
     remote = Collection(url, storage_options=s3.storage_options()).add_adatas(h5ad_files, executor=client, **BUILD)
     assert_same_collection(local, Collection(url, mode="r", storage_options=s3.storage_options()))
     assert s3.secret not in repr(remote)
+
+
+def test_cli_convert_on_a_scheduler(tmp_path: Path, h5ad_files, cluster) -> None:
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "annbatch.cli", "convert", *map(str, h5ad_files), "--seed", "3",
+           "--dataset-size", "500", "--shuffle-chunk-size", "50", "--n-obs-per-chunk", "16", "--shard-size", "64"]  # fmt: skip
+    subprocess.run([*cli, "-o", str(tmp_path / "serial.zarr")], check=True, capture_output=True)
+    done = subprocess.run([*cli, "-o", str(tmp_path / "dask.zarr"), "--scheduler", cluster.scheduler_address],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert_same_collection(Collection(tmp_path / "serial.zarr", mode="r"), Collection(tmp_path / "dask.zarr", mode="r"))
+    # a scheduler that is not there: named, and nothing is left behind
+    gone = subprocess.run([*cli, "-o", str(tmp_path / "none.zarr"), "--scheduler", "tcp://127.0.0.1:9"],
+                          capture_output=True, text=True)  # fmt: skip
+    assert gone.returncode != 0 and "tcp://127.0.0.1:9" in gone.stderr
+    assert not (tmp_path / "none.zarr").exists()

@@ -92,6 +92,9 @@ def _parser() -> _Parser:
     convert.add_argument("--shard-size", type=_size, default="1GB")
     convert.add_argument("--lock-timeout", type=float, default=10.0,
                          help="seconds to wait while another process writes to the collection")  # fmt: skip
+    convert.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                         help="build the datasets on the dask.distributed cluster at ADDRESS (tcp://host:8786, or the "
+                              "scheduler file a `dask scheduler --scheduler-file` wrote)")
     convert.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     _storage_option_flag(convert)
 
@@ -179,18 +182,40 @@ def _progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+@contextlib.contextmanager
+def _executor(scheduler: str | None) -> Iterator[Any]:
+    """A dask.distributed client of the cluster at ``scheduler`` (closed afterwards), or None."""
+    if scheduler is None:
+        yield None
+        return
+    try:
+        from distributed import Client
+    except ImportError:
+        raise SystemExit("annbatch convert: --scheduler needs dask.distributed: pip install 'annbatch[dask]'") from None
+    try:
+        if scheduler.endswith(".json") and Path(scheduler).is_file():
+            client = Client(scheduler_file=scheduler, timeout=30)
+        else:
+            client = Client(scheduler, timeout=30)
+    except OSError as err:
+        raise SystemExit(f"annbatch convert: cannot reach the dask scheduler at {scheduler} ({err}).") from None
+    with client:
+        yield client
+
+
 def _convert(args: argparse.Namespace) -> int:
     location, options = local_or_url(args.output), _storage_options(args)
     output = location if isinstance(location, Path) else args.output
     created = not location.exists() if isinstance(location, Path) else not url_has_objects(args.output, options)
     before = 0 if created else Collection(output, mode="r", storage_options=options).n_obs
     try:
-        with _reraise_swallowed_interrupts():
+        with _reraise_swallowed_interrupts(), _executor(args.scheduler) as executor:
             coll = Collection(output, storage_options=options).add_adatas(
                 args.inputs, shuffle=not args.no_shuffle, seed=args.seed, dataset_size=args.dataset_size,
                 shuffle_chunk_size=args.shuffle_chunk_size, groupby=args.groupby, join=args.join,
                 memory_limit=args.memory_limit, n_obs_per_chunk=args.n_obs_per_chunk,
                 shard_size=args.shard_size, lock_timeout=args.lock_timeout, progress=_progress(args),
+                executor=executor,
             )  # fmt: skip
     except BaseException as err:
         if created:  # the folder (or prefix) is ours: a failed conversion leaves nothing behind
