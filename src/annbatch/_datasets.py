@@ -128,6 +128,17 @@ class Datasets:
         columns
             Columns to read; all columns if ``None``; ``[]`` reads only the index (obs names).
         """
+        return self._read_obs(columns, names=True)
+
+    def _obs_columns(self, columns: Sequence[str]) -> pd.DataFrame:
+        """``obs(columns)`` without the obs names: a :class:`~pandas.RangeIndex` over all rows.
+
+        What a loader reads: it never uses the names, and reading (and holding) one string per row is
+        most of the cost of reading obs on large collections (~150 bytes a row, seconds per 10M rows).
+        """
+        return self._read_obs(columns, names=False)
+
+    def _read_obs(self, columns: Sequence[str] | None, *, names: bool) -> pd.DataFrame:
         self._require_datasets()
         frames = []
         for g in self._open_datasets():
@@ -137,27 +148,11 @@ class Datasets:
             missing = [c for c in wanted if c not in available]
             if missing:
                 raise KeyError(f"obs column(s) {missing} not in the collection; available: {available}.")
-            index = ad.io.read_elem(obs_group[str(obs_group.attrs["_index"])])
-            frame = pd.DataFrame({c: ad.io.read_elem(obs_group[c]) for c in wanted}, index=pd.Index(index))
-            frames.append(frame)
-        return pd.concat(frames) if len(frames) > 1 else frames[0]
-
-    def _obs_columns(self, columns: Sequence[str]) -> pd.DataFrame:
-        """``obs(columns)`` without the obs names: a :class:`~pandas.RangeIndex` over all rows.
-
-        What a loader reads: it never uses the names, and reading (and holding) one string per row is
-        most of the cost of reading obs on large collections (~150 bytes a row, seconds per 10M rows).
-        """
-        self._require_datasets()
-        frames = []
-        for g in self._open_datasets():
-            obs_group = child_group(g, "obs")
-            available = [str(c) for c in list_attr(obs_group, "column-order")]
-            missing = [c for c in columns if c not in available]
-            if missing:
-                raise KeyError(f"obs column(s) {missing} not in the collection; available: {available}.")
-            frames.append(pd.DataFrame({c: ad.io.read_elem(obs_group[c]) for c in columns}))
-        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+            index = pd.Index(ad.io.read_elem(obs_group[str(obs_group.attrs["_index"])])) if names else None
+            frames.append(pd.DataFrame({c: ad.io.read_elem(obs_group[c]) for c in wanted}, index=index))
+        if len(frames) == 1:
+            return frames[0]
+        return pd.concat(frames, ignore_index=not names)
 
     def _require_datasets(self) -> None:
         if self.is_empty:
