@@ -43,10 +43,19 @@ class Staging:
         store = self._store
         self._root = Path(store.root) / group.path if isinstance(store, LocalStore) else None
 
+    @property
+    def store(self):
+        """The collection's zarr store."""
+        return self._store
+
+    def path(self, name: str) -> str:
+        """The path in :attr:`store` of the staged group ``name`` (opening it with ``mode="w"`` empties it)."""
+        return self._prefix + f"{STAGING}/{name}"
+
     def new_group(self, name: str) -> zarr.Group:
         """A fresh, empty group ``.staging/<name>`` to write a dataset into."""
         self._remove(f"{STAGING}/{name}")
-        return zarr.open_group(self._store, path=self._prefix + f"{STAGING}/{name}", mode="w")
+        return zarr.open_group(self._store, path=self.path(name), mode="w")
 
     def commit(self, names: list[str]) -> None:
         """Move the staged groups ``names`` into place, replacing groups of the same name.

@@ -174,7 +174,7 @@ def _run(collection, new, existing, *, shuffle, rng, dataset_size, shuffle_chunk
     staging = Staging(collection.group)
     try:
         if executor is not None:
-            run_jobs(make_jobs(tasks, spec, staging.new_group), executor, progress=progress)
+            run_jobs(make_jobs(tasks, spec, staging.store, staging.path), executor, progress=progress)
         else:
             for name, task in tqdm(tasks.items(), desc="Writing datasets", unit="dataset", disable=not progress):
                 build_dataset(task, spec, staging.new_group(name), progress=progress)

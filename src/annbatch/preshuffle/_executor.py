@@ -44,8 +44,9 @@ class DatasetJob:
 
     def run(self) -> str:
         """Build the dataset into its staged group; returns the group's path."""
-        opened = [source.open() for source in self.sources]
+        opened: list[InputAnnData] = []
         try:
+            opened.extend(source.open() for source in self.sources)
             # write_rows reads only the sources' arrays: obs (is_new, obs_schema) were handled by plan_rows
             spec = SourceSpec(sources=opened, is_new=[], var_space=self.var_space, elements=self.elements,
                               obs_schema={})  # fmt: skip
@@ -77,18 +78,17 @@ _UNUSED = _ShippedSource(name="<not read by this dataset>", elements={})
 
 
 def make_jobs(
-    tasks: dict[str, DatasetTask], spec: SourceSpec, staged: Callable[[str], zarr.Group]
+    tasks: dict[str, DatasetTask], spec: SourceSpec, store: Any, staged_path: Callable[[str], str]
 ) -> list[DatasetJob]:
-    """One job per task; ``staged(name)`` makes the empty staged group the job writes to."""
+    """One job per task, writing to ``staged_path(name)`` in ``store`` (the job creates the group)."""
     shipped = [_ship(src) for src in spec.sources]
     jobs = []
     for name, task in tasks.items():
         obs, order = plan_rows(task, spec)
         needed = {block.source for block in task.blocks}
         sources = [shipped[i] if i in needed else _UNUSED for i in range(len(shipped))]
-        group = staged(name)
         jobs.append(DatasetJob(task=task, obs=obs, order=order, sources=sources, var_space=spec.var_space,
-                               elements=spec.elements, store=group.store, path=group.path))  # fmt: skip
+                               elements=spec.elements, store=store, path=staged_path(name)))  # fmt: skip
     return jobs
 
 
