@@ -17,11 +17,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
+
+from _child import run_child  # benchmarks/_child.py: scripts run from this folder
 
 DATA = Path(__file__).parent / "data"
 CONFIGS = [(256, 32), (32, 256)]
@@ -143,13 +143,6 @@ print(json.dumps({"model": run(model_only), "loader": run(loader_only), "both": 
 """
 
 
-def _child(script: str, *args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=5, help="rounds (one epoch of every mode each)")
@@ -165,18 +158,18 @@ def main() -> None:
     for kind, path in collections.items():
         if args.only and kind != args.only:
             continue
-        rates = _child(_CHILD, "rates", str(path), str(args.epochs))
+        rates = run_child(_CHILD, "rates", str(path), str(args.epochs))
         limit = [
             max(a, b)
             for a, b in zip(rates["sequential (zarrs)"], rates["sequential (annbatch)"], strict=True)
         ]
         for mode, r in rates.items():
             share = statistics.median(100 * x / lim for x, lim in zip(r, limit, strict=True))
-            rss = (f"{_child(_CHILD, mode, str(path), '2')['peak_rss_gib']:5.2f} GiB"
+            rss = (f"{run_child(_CHILD, mode, str(path), '2')['peak_rss_gib']:5.2f} GiB"
                    if mode in ("256/32", "32/256") else "")  # fmt: skip
             print(f"{kind:7s} {mode:22s} {statistics.median(r):10,.0f} {share:7.0f} % {rss:>9s}", flush=True)
     if not args.no_train and args.only != "dense":
-        r = _child(_TRAIN, str(collections["sparse"]), str(args.epochs))
+        r = run_child(_TRAIN, str(collections["sparse"]), str(args.epochs))
         slower = min(r["model"], r["loader"])
         print(f"\ntraining (sparse, 256/32, torch Linear({20_000}→32), cells/s): model step alone "
               f"{r['model']:,.0f}; loader alone {r['loader']:,.0f}; loader + model {r['both']:,.0f} "

@@ -37,12 +37,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from _child import run_child  # benchmarks/_child.py: scripts run from this folder
 
 DATA = Path(__file__).parent / "data"
 KEYS = ["donor", "cell_type", "tissue", "assay"]
@@ -169,13 +168,6 @@ print(json.dumps(out))
 """
 
 
-def _child(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _CHILD, *args], capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1e6,1e7,1e8", help="rows per collection, comma-separated")
@@ -194,7 +186,7 @@ def main() -> None:
           f"{'B/row/key':>9s} {'indptr B/row':>12s} {'build peak B/row':>16s} {'plan peak B/row':>15s}")  # fmt: skip
     for path in paths.values():
         for sampler in samplers:
-            r = _child(str(path), sampler, str(args.rounds), ",".join(KEYS))
+            r = run_child(_CHILD, str(path), sampler, str(args.rounds), ",".join(KEYS))
             rows = r["n_obs"]
             per_key = (r["held_bytes"] - r["indptr_bytes"]) / rows / len(KEYS)
             print(f"{rows:12,d} {sampler:12s} {statistics.median(r['construct_s']):11.2f} "
