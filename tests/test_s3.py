@@ -44,6 +44,7 @@ BUILD = {"seed": 0, "dataset_size": 150, "shuffle_chunk_size": 25, "n_obs_per_ch
          "memory_limit": "1GB", "progress": False}  # fmt: skip
 LOAD = {"batch_size": 32, "chunk_size": 16, "preload_nchunks": 4, "return_index": True}
 
+
 # ---------------------------------------------------------------------------------------------------------
 # data and references
 # ---------------------------------------------------------------------------------------------------------
@@ -231,6 +232,22 @@ def test_loader_same_seed_same_batches_on_s3_and_local(built: Built, s3: S3, tmp
     assert not np.array_equal(
         np.asarray(from_s3[0]["index"]), np.asarray(_epoch(built.s3, seed=12)[0]["index"])
     )
+
+
+def test_s3_collections_are_read_by_the_object_shard_reader(built: Built):
+    """Our layout on S3 is read by annbatch's object-storage shard reader, not chunk by chunk through zarr;
+    it reads many row ranges at once and gives what zarr gives."""
+    from annbatch._object_shards import ObjectShardReader
+
+    backing = built.s3.loader(batch_size=16, chunk_size=8, preload_nchunks=2)._backings[0]
+    arrays = [backing.data, backing.indices] if built.kind == "sparse" else [backing.array]
+    for reader in arrays:
+        assert isinstance(reader, ObjectShardReader)
+        n = reader.shape[0]
+        jobs = [(0, 1), (3, 40), (n - 5, n), (7, 7), (0, n)]
+        reference = zarr.open_array(built.s3._group.store, path=reader._key, mode="r")
+        for (a, b), part in zip(jobs, reader.read(jobs), strict=True):
+            np.testing.assert_array_equal(part, reference[a:b])
 
 
 # ---------------------------------------------------------------------------------------------------------

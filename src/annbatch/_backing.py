@@ -23,6 +23,7 @@ import scipy.sparse as sp
 import zarr
 from zarr.core.sync import sync
 
+from annbatch._object_shards import ObjectShardReader, object_shard_reader
 from annbatch._shards import ShardedReader, sharded_reader
 from annbatch._zarr import child_array, list_attr, zarrs_pipeline
 from annbatch.errors import BackingError
@@ -35,7 +36,7 @@ class Backing:
     kind: Literal["csr", "dense"]
     shape: tuple[int, ...]
     dtype: np.dtype
-    array: Any = None  # dense: numpy, zarr.Array, ShardedReader or h5py.Dataset
+    array: Any = None  # dense: numpy, zarr.Array, ShardedReader, ObjectShardReader or h5py.Dataset
     data: Any = None  # csr: values
     indices: Any = None  # csr: column indices (any integer dtype)
     indptr: np.ndarray | None = None  # csr: row pointers, always in memory (int64)
@@ -76,13 +77,19 @@ def backing_from_zarr(elem: zarr.Array | zarr.Group, *, name: str, complete: boo
                        origin=type(ad.io.sparse_dataset(elem)))  # fmt: skip
 
 
-def _fastest(arr: zarr.Array, complete: bool) -> zarr.Array | ShardedReader:
-    """Our direct shard reader where the layout allows, else the array reopened under zarrs."""
+def _fastest(arr: zarr.Array, complete: bool) -> zarr.Array | ShardedReader | ObjectShardReader:
+    """Our direct shard reader (local disk or object storage) where the layout allows.
+
+    Else the array, reopened under zarrs.
+    """
     reader = sharded_reader(arr, complete=complete)
     if reader is not None:
         return reader
     if complete:  # zarr would read a missing shard as fill values: in a collection it is damage
         _check_all_shards_stored(arr)
+    remote = object_shard_reader(arr, complete=complete, name=f"{arr.store} {arr.path}")
+    if remote is not None:
+        return remote
     # An array opened before the zarrs pipeline was set keeps zarr-python's pipeline: open it again.
     return zarr.open_array(arr.store, path=arr.path, mode="r")
 

@@ -8,8 +8,10 @@ reads and places them:
   element spans, cut into a few tasks for a thread pool; each task is one numba call that reads,
   decodes and places its spans' chunks without the GIL (raw dense rows are read by vectored reads
   directly into place);
-- other zarr arrays (object storage, other layouts): all ranges are read at once through zarr's async
-  API (decoded in parallel by zarrs), then placed;
+- arrays in our layout in object storage (:mod:`annbatch._object_shards`): all ranges of a load are
+  fetched at once, neighbouring chunks merged into single requests, then decoded and placed;
+- other zarr arrays (other layouts): all ranges are read at once through zarr's async API (decoded
+  in parallel by zarrs), then placed;
 - numpy, scipy and h5py data: sliced, then placed.
 """
 
@@ -27,6 +29,7 @@ from zarr.core.sync import sync
 
 from annbatch._backing import Backing
 from annbatch._csr import scatter_chunk
+from annbatch._object_shards import ObjectShardReader
 from annbatch._shards import ChunkIndex, RawReads, ShardedReader, SpanReader
 
 Range = tuple[int, int, int]  # (dataset, local start, local stop)
@@ -255,30 +258,44 @@ def _runs(rows: np.ndarray) -> list[slice]:
 
 
 def _read_ranges(jobs: list[tuple], dtype: np.dtype | None) -> list[tuple]:
-    """``source[start:stop]`` of every job, zarr arrays read concurrently; each job gets its part appended."""
+    """``source[start:stop]`` of every job, each job with its part appended.
+
+    zarr and object-storage arrays are read concurrently.
+    """
     if not jobs:
         return []
     parts: list = [None] * len(jobs)
     zarr_jobs = []
+    remote: dict[int, tuple[ObjectShardReader, list[int]]] = {}  # by reader: its jobs
     for i, (source, start, stop, _) in enumerate(jobs):
-        if isinstance(source, zarr.Array):
+        if isinstance(source, ObjectShardReader):
+            remote.setdefault(id(source), (source, []))[1].append(i)
+        elif isinstance(source, zarr.Array):
             zarr_jobs.append((i, source, start, stop))
         else:
             parts[i] = np.asarray(source[start:stop])
-    if zarr_jobs:
-        for i, part in zip([j[0] for j in zarr_jobs], sync(_read_zarr(zarr_jobs)), strict=True):
+    if zarr_jobs or remote:
+        readers = [(reader, [(jobs[i][1], jobs[i][2]) for i in ids]) for reader, ids in remote.values()]
+        zarr_parts, fetched = sync(_read_async(zarr_jobs, readers))
+        for (i, *_), part in zip(zarr_jobs, zarr_parts, strict=True):
             parts[i] = part
+        for (reader, ranges), (_, ids), got in zip(readers, remote.values(), fetched, strict=True):
+            for i, part in zip(ids, reader.assemble(ranges, got), strict=True):
+                parts[i] = part
     return [
         (*job, part if dtype is None else part.astype(dtype, copy=False))
         for job, part in zip(jobs, parts, strict=True)
     ]
 
 
-async def _read_zarr(jobs) -> list[np.ndarray]:
+async def _read_async(zarr_jobs, readers) -> tuple[list[np.ndarray], list]:
+    """Zarr reads and object-storage fetches, all in flight at once."""
     prototype = default_buffer_prototype()
 
     async def one(source: zarr.Array, start: int, stop: int) -> np.ndarray:
         selection = (slice(start, stop), *(slice(None),) * (source.ndim - 1))
         return np.asarray(await source._async_array.getitem(selection, prototype=prototype))
 
-    return await asyncio.gather(*(one(source, start, stop) for _, source, start, stop in jobs))
+    zarr_parts = asyncio.gather(*(one(source, start, stop) for _, source, start, stop in zarr_jobs))
+    fetched = asyncio.gather(*(reader.fetch(ranges) for reader, ranges in readers))
+    return tuple(await asyncio.gather(zarr_parts, fetched))  # type: ignore[return-value]

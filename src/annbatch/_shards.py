@@ -13,7 +13,9 @@ load without Python per chunk:
 - raw (uncompressed) rows are read by ``preadv`` straight into place; the calls are planned and
   issued from numba too (:meth:`ShardedReader.plan_raw_reads`, :class:`RawReads`).
 
-Anything else returns ``None`` from :func:`sharded_reader` and is read through zarr.
+:class:`ShardLayout` (from :func:`shard_layout`) describes the layout; the same arrays in object storage
+are read by :mod:`annbatch._object_shards`. Anything else returns ``None`` from :func:`sharded_reader`
+and is read through zarr.
 """
 
 from __future__ import annotations
@@ -37,8 +39,101 @@ from zarr.storage import LocalStore
 
 from annbatch._zarr import metadata_dict
 
-_MISSING = np.uint64(2**64 - 1)
+NOT_STORED = np.uint64(2**64 - 1)  # a shard index's offset of a chunk zarr did not store
 _CRC32C = CRC32C()
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Our writer's layout of one array: row-chunked inner chunks, bundled into shards along rows.
+
+    Inner chunks are ``bytes`` (little-endian) plus optional ``blosc``; each shard ends with its index
+    (``(offset, nbytes)`` per inner chunk, ``bytes`` + ``crc32c``); chunk keys are ``c/<shard>/0/…``.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_rows: int
+    shard_rows: int
+    compressed: bool
+    fill_value: object
+
+    @property
+    def per_shard(self) -> int:
+        """Inner chunks per shard."""
+        return self.shard_rows // self.chunk_rows
+
+    @property
+    def row_items(self) -> int:
+        """Items per row (1 for 1-d arrays)."""
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+    @property
+    def chunk_items(self) -> int:
+        """Items per inner chunk."""
+        return self.chunk_rows * self.row_items
+
+    @property
+    def n_chunks(self) -> int:
+        """Inner chunks of the whole array."""
+        return -(-self.shape[0] // self.chunk_rows)
+
+    @property
+    def n_shards(self) -> int:
+        """Shards of the whole array."""
+        return -(-self.n_chunks // self.per_shard)
+
+    def shard_key(self, s: int) -> str:
+        """The key of shard ``s`` below the array (chunk keys name every dimension)."""
+        return "/".join(["c", str(s), *["0"] * (len(self.shape) - 1)])
+
+    def parse_index(self, raw: bytes | memoryview, where: object) -> np.ndarray:
+        """A shard's index (its last ``16 * per_shard + 4`` bytes) as ``(per_shard, 2)`` offsets and sizes."""
+        try:
+            payload = _CRC32C.decode(np.frombuffer(raw, dtype="u1"))
+        except RuntimeError as err:
+            raise OSError(f"Shard {where} is corrupt (index checksum mismatch): {err}") from err
+        return np.frombuffer(payload, dtype="<u8").reshape(-1, 2)
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of a shard's index, its checksum included."""
+        return 16 * self.per_shard + 4
+
+
+def missing_index(layout: ShardLayout) -> np.ndarray:
+    """The index of a shard zarr did not store (it holds only the fill value): every chunk missing."""
+    return np.full((layout.per_shard, 2), NOT_STORED, dtype=np.uint64)
+
+
+def shard_layout(arr: zarr.Array) -> ShardLayout | None:
+    """The :class:`ShardLayout` of ``arr`` when it is one our readers read directly, else ``None``."""
+    if arr.metadata.zarr_format != 3:
+        return None
+    meta = metadata_dict(arr)
+    codecs = meta["codecs"]
+    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+        return None
+    conf = codecs[0]["configuration"]
+    if conf.get("index_location", "end") != "end" or meta["chunk_key_encoding"]["name"] != "default":
+        return None
+    if meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/":
+        return None
+    names = [c["name"] for c in conf["codecs"]]
+    if names not in (["bytes"], ["bytes", "blosc"]) or [c["name"] for c in conf["index_codecs"]] != [
+        "bytes",
+        "crc32c",
+    ]:
+        return None
+    if any(c.get("configuration", {}).get("endian", "little") != "little" for c in conf["codecs"][:1]):
+        return None
+    shape = tuple(meta["shape"])
+    inner, outer = conf["chunk_shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+    if list(inner[1:]) != list(shape[1:]) or list(outer[1:]) != list(shape[1:]):
+        return None  # chunked along rows only
+    return ShardLayout(
+        shape, np.dtype(arr.dtype), inner[0], outer[0], len(names) == 2, arr.metadata.fill_value
+    )
 
 
 class ShardedReader:
@@ -48,60 +143,56 @@ class ShardedReader:
     descriptors, so concurrent iterations never close each other's files.
     """
 
-    def __init__(self, root: Path, shape: tuple[int, ...], dtype: np.dtype, chunk_rows: int, shard_rows: int,
-                 compressed: bool, fill_value, complete: bool = False):  # fmt: skip
+    def __init__(self, root: Path, layout: ShardLayout, complete: bool = False):
         self._root = root
+        self._layout = layout
         self._complete = complete  # every shard was written (annbatch collections): a missing one is damage
-        self.shape, self.dtype = shape, np.dtype(dtype)
-        self._chunk_rows, self._per_shard = chunk_rows, shard_rows // chunk_rows
-        self._row_items = int(np.prod(shape[1:], dtype=np.int64))
-        self._compressed = compressed
-        self._fill = fill_value
+        self.shape, self.dtype = layout.shape, layout.dtype
 
     def shard_path(self, s: int) -> Path:
         """The file of shard ``s``."""
-        # Chunk keys name every dimension: c/<shard>/0/… for row-chunked N-d arrays.
-        return self._root.joinpath("c", str(s), *["0"] * (len(self.shape) - 1))
+        return self._root / self._layout.shard_key(s)
 
     def chunk_path(self, k: int) -> Path:
         """The file holding inner chunk ``k``."""
-        return self.shard_path(k // self._per_shard)
+        return self.shard_path(k // self._layout.per_shard)
 
     @property
     def compressed(self) -> bool:
         """Whether chunks need decoding (else they are raw little-endian rows)."""
-        return self._compressed
+        return self._layout.compressed
 
     @property
     def row_items(self) -> int:
         """Items per row (1 for 1-d arrays)."""
-        return self._row_items
+        return self._layout.row_items
 
     @property
     def fill_value(self):
         """The value of chunks the writer did not store."""
-        return self._fill
+        return self._layout.fill_value
 
     @property
     def chunk_items(self) -> int:
         """Items per inner chunk."""
-        return self._chunk_rows * self._row_items
+        return self._layout.chunk_items
 
     def open(self) -> ChunkIndex:
         """Open every shard and read its (checksum-verified) index."""
-        n_chunks = -(-self.shape[0] // self._chunk_rows)
+        layout = self._layout
         fds: list[int] = []
         try:
-            indexes = [self._open_shard(s, fds) for s in range(-(-n_chunks // self._per_shard))]
+            indexes = [self._open_shard(s, fds) for s in range(layout.n_shards)]
         except BaseException:
             for opened in fds:
                 os.close(opened)
             raise
-        index = np.concatenate(indexes)[:n_chunks]  # a shard zarr did not write holds only the fill value
-        missing = index[:, 0] == _MISSING
+        # a shard zarr did not write holds only the fill value
+        index = np.concatenate(indexes)[: layout.n_chunks]
+        missing = index[:, 0] == NOT_STORED
         offset = np.where(missing, 0, index[:, 0]).astype(np.int64)
         offset[missing] = -1
-        fd = np.repeat(np.array(fds, dtype=np.int64), self._per_shard)[:n_chunks]
+        fd = np.repeat(np.array(fds, dtype=np.int64), layout.per_shard)[: layout.n_chunks]
         paths = {f: self.shard_path(s) for s, f in enumerate(fds) if f >= 0}
         return ChunkIndex(offset, index[:, 1].astype(np.int64), fd, fds, paths)
 
@@ -113,16 +204,11 @@ class ShardedReader:
                     f"Shard {path} is missing; the collection is damaged. Rebuild it from its inputs."
                 )
             fds.append(-1)  # zarr skips writing shards that hold only the fill value
-            return np.full((self._per_shard, 2), _MISSING, dtype=np.uint64)
+            return missing_index(self._layout)
         fd = os.open(path, os.O_RDONLY)
         fds.append(fd)
-        n = 16 * self._per_shard
-        raw = os.pread(fd, n + 4, os.fstat(fd).st_size - n - 4)  # the index, then its 4-byte crc32c
-        try:
-            payload = _CRC32C.decode(np.frombuffer(raw, dtype="u1"))
-        except RuntimeError as err:
-            raise OSError(f"Shard {path} is corrupt (index checksum mismatch): {err}") from err
-        return np.frombuffer(payload, dtype="<u8").reshape(-1, 2)
+        n = self._layout.index_nbytes
+        return self._layout.parse_index(os.pread(fd, n, os.fstat(fd).st_size - n), path)
 
     def plan_raw_reads(
         self, index: ChunkIndex, ranges: np.ndarray, dest: np.ndarray, out: np.ndarray
@@ -138,8 +224,8 @@ class ShardedReader:
         iov = np.empty((n_rows, 2), dtype=np.uint64)
         calls = np.empty((n_rows, 4), dtype=np.int64)  # fd, first iovec, iovecs, file offset
         rows_out = out.reshape(len(out), -1)
-        fill = np.array(self._fill, dtype=out.dtype)
-        n_calls = _plan_preadv(ranges, dest, self._chunk_rows, index.offset, index.fd, rows_out, fill,
+        fill = np.array(self._layout.fill_value, dtype=out.dtype)
+        n_calls = _plan_preadv(ranges, dest, self._layout.chunk_rows, index.offset, index.fd, rows_out, fill,
                                _sink(rows_out.shape[1] * out.itemsize), iov, calls)  # fmt: skip
         fd, first, count, offset = calls[:n_calls].T
         return RawReads(iov, fd, first, count, offset, index.paths)
@@ -431,38 +517,16 @@ def _scratch(n: int, dtype: DTypeLike, role: str) -> np.ndarray:
 
 
 def sharded_reader(arr: zarr.Array, *, complete: bool = False) -> ShardedReader | None:
-    """A :class:`ShardedReader` for ``arr`` when its layout is one we read directly, else ``None``.
+    """A :class:`ShardedReader` for ``arr`` when it is on a local disk in our layout, else ``None``.
 
     ``complete``: every shard was written (true of annbatch collections), so a missing shard file is
     reported as damage instead of read as the fill value, as zarr would.
     """
     if _decompress is None or _validate is None:  # numcodecs without c-blosc's C API: read through zarr
         return None
-    if not isinstance(arr.store, LocalStore) or arr.metadata.zarr_format != 3:
+    if not isinstance(arr.store, LocalStore):
         return None
-    meta = metadata_dict(arr)
-    codecs = meta["codecs"]
-    if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
+    layout = shard_layout(arr)
+    if layout is None:
         return None
-    conf = codecs[0]["configuration"]
-    if conf.get("index_location", "end") != "end" or meta["chunk_key_encoding"]["name"] != "default":
-        return None
-    if meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/") != "/":
-        return None
-    names = [c["name"] for c in conf["codecs"]]
-    if names not in (["bytes"], ["bytes", "blosc"]) or [c["name"] for c in conf["index_codecs"]] != [
-        "bytes",
-        "crc32c",
-    ]:
-        return None
-    if any(c.get("configuration", {}).get("endian", "little") != "little" for c in conf["codecs"][:1]):
-        return None
-    shape = tuple(meta["shape"])
-    inner, outer = conf["chunk_shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
-    if list(inner[1:]) != list(shape[1:]) or list(outer[1:]) != list(shape[1:]):
-        return None  # chunked along rows only
-    root = Path(arr.store.root) / arr.path
-    compressed = len(names) == 2
-    return ShardedReader(
-        root, shape, arr.dtype, inner[0], outer[0], compressed, arr.metadata.fill_value, complete
-    )
+    return ShardedReader(Path(arr.store.root) / arr.path, layout, complete)
