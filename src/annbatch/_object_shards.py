@@ -5,7 +5,7 @@ per inner chunk, for every call. Against object storage each request costs a rou
 and the server's per-request work, so a load of a few hundred runs becomes thousands of requests.
 For our layout (:class:`~annbatch._shards.ShardLayout`) this reader instead
 
-- reads each shard's index once (one suffix request, checksum verified) and keeps it for the epoch;
+- reads each shard's index once (one suffix request, checksum verified) and keeps it;
 - asks, per shard and load, for all the inner chunks the load needs in one
   :func:`obstore.get_ranges_async` call, which merges neighbouring byte ranges into single requests
   and runs up to ten of them at a time; all shards of a load are fetched concurrently;
@@ -30,9 +30,8 @@ from zarr.storage import ObjectStore
 from annbatch._shards import NOT_STORED, ShardLayout, missing_index, shard_layout
 
 Job = tuple[int, int]  # rows start:stop of one read
-Fetched = dict[
-    int, object
-]  # stored bytes (obstore ``Bytes``) by inner chunk; absent chunks hold the fill value
+# Stored bytes (obstore ``Bytes``) by inner chunk; chunks absent from it hold the fill value.
+Fetched = dict[int, object]
 
 
 class ObjectShardReader:
@@ -88,7 +87,6 @@ class ObjectShardReader:
         """Decode the fetched chunks and cut ``array[start:stop]`` of every job out of them."""
         layout = self._layout
         n, items = layout.chunk_items, layout.row_items
-        total = layout.shape[0] * items
         decoded = {k: self._decode(k, raw) for k, raw in fetched.items()}
         out = []
         for start, stop in jobs:
@@ -96,7 +94,7 @@ class ObjectShardReader:
             part = np.empty(e1 - e0, dtype=layout.dtype)
             for k in _chunks_of(layout, start, stop).tolist():
                 c0 = k * n
-                a, b = max(e0, c0), min(e1, c0 + n, total)
+                a, b = max(e0, c0), min(e1, c0 + n, layout.n_items)
                 if k in decoded:
                     part[a - e0 : b - e0] = decoded[k][a - c0 : b - c0]
                 else:
@@ -106,7 +104,7 @@ class ObjectShardReader:
 
     def _decode(self, k: int, raw) -> np.ndarray:
         layout = self._layout
-        n_items = min(layout.chunk_items, layout.shape[0] * layout.row_items - k * layout.chunk_items)
+        n_items = min(layout.chunk_items, layout.n_items - k * layout.chunk_items)
         try:
             if layout.compressed:
                 values = np.frombuffer(blosc.decompress(raw), dtype=layout.dtype)

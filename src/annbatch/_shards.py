@@ -74,6 +74,11 @@ class ShardLayout:
         return self.chunk_rows * self.row_items
 
     @property
+    def n_items(self) -> int:
+        """Items of the whole array (rows times items per row)."""
+        return self.shape[0] * self.row_items
+
+    @property
     def n_chunks(self) -> int:
         """Inner chunks of the whole array."""
         return -(-self.shape[0] // self.chunk_rows)
