@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from annbatch.samplers._permute import _Permuter
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
@@ -41,23 +43,33 @@ are made per load, for its request.
 """
 
 
-def _merge_runs(starts: np.ndarray, stops: np.ndarray) -> list[slice]:
-    """Slices of the row ranges, joined where one continues the previous: fewer, larger reads.
+def _group_runs(
+    starts: np.ndarray, stops: np.ndarray, bounds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Join the row ranges where one continues the previous (fewer, larger reads), within each group.
 
-    A load's few dozen ranges: plain Python on lists beats numpy's per-call overhead here.
+    The groups (loads) are ``[bounds[g], bounds[g + 1])``; all of them are joined in one pass of
+    numpy, not a Python loop per load.
+
+    Returns
+    -------
+    The joined ranges' starts and stops, and where each group's joined ranges begin (one more
+    entry: the end). :func:`_group_slices` makes a group's slices, per load, for the reason given
+    at :data:`Runs`.
     """
-    merged: list[slice] = []
-    first = last = -1
-    for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
-        if a == last:
-            last = b
-            continue
-        if last >= 0:
-            merged.append(slice(first, last))
-        first, last = a, b
-    if last >= 0:
-        merged.append(slice(first, last))
-    return merged
+    n = int(bounds[-1])
+    starts, stops = starts[:n], stops[:n]  # ranges past the last group (a dropped load) join nothing
+    new = np.ones(n, dtype=bool)
+    new[1:] = starts[1:] != stops[:-1]  # a range that continues the previous one joins it
+    new[bounds[:-1][bounds[:-1] < n]] = True  # ... unless it begins a group
+    first = np.flatnonzero(new)
+    last = np.append(first[1:], n) - 1
+    return starts[first], stops[last], np.searchsorted(first, bounds).tolist()
+
+
+def _group_slices(run_starts: np.ndarray, run_stops: np.ndarray, lo: int, hi: int) -> list[slice]:
+    """The slices of joined ranges ``lo:hi`` (from :func:`_group_runs`)."""
+    return list(map(slice, run_starts[lo:hi].tolist(), run_stops[lo:hi].tolist()))
 
 
 def _group_chunks(lengths: np.ndarray, preload_nchunks: int, batch_size: int) -> list[tuple[int, int]]:
@@ -121,22 +133,33 @@ def _iter_loads(
         if carried_in + last_rows < batch_size:
             # the last load would only feed the dropped partial batch: skip reading it at all
             groups.pop()
-    carried = 0
-    for k, (i, j) in enumerate(groups):
-        is_last = k == len(groups) - 1
-        n_loaded = carried + int(lengths[i:j].sum())
-        order = np.arange(n_loaded, dtype=np.int64) if rng is None else rng.permutation(n_loaded)
-        n_full = n_loaded // batch_size
-        splits = [order[b * batch_size : (b + 1) * batch_size] for b in range(n_full)]
-        rest = order[n_full * batch_size :]
-        request: LoadRequest = {"requests": _merge_runs(starts[i:j], stops[i:j]), "splits": splits}
-        if is_last:
-            if len(rest) and not drop_last:
-                splits.append(rest)
-        elif len(rest):
-            request["carry"] = rest
-        carried = len(rest)
-        yield request
+    if not groups:
+        return
+    bounds = np.array([i for i, _ in groups] + [groups[-1][1]], dtype=np.int64)
+    run_starts, run_stops, run_ptr = _group_runs(starts, stops, bounds)
+    group_rows = np.diff(np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])[bounds]).tolist()
+    permute = None if rng is None else _Permuter(rng)
+    try:
+        carried = 0
+        for k in range(len(groups)):
+            is_last = k == len(groups) - 1
+            n_loaded = carried + group_rows[k]
+            order = np.arange(n_loaded, dtype=np.int64) if permute is None else permute(n_loaded)
+            n_full = n_loaded // batch_size
+            splits = [order[b * batch_size : (b + 1) * batch_size] for b in range(n_full)]
+            rest = order[n_full * batch_size :]
+            requests = _group_slices(run_starts, run_stops, run_ptr[k], run_ptr[k + 1])
+            request: LoadRequest = {"requests": requests, "splits": splits}
+            if is_last:
+                if len(rest) and not drop_last:
+                    splits.append(rest)
+            elif len(rest):
+                request["carry"] = rest
+            carried = len(rest)
+            yield request
+    finally:
+        if permute is not None:
+            permute.sync()
 
 
 def _take_rows(starts: np.ndarray, lengths: np.ndarray, budget: int) -> Runs:

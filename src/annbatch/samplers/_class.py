@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from annbatch.samplers._base import _ChunkedSampler
-from annbatch.samplers._chunks import _merge_runs
+from annbatch.samplers._chunks import _group_runs, _group_slices
+from annbatch.samplers._permute import _Permuter
 
 if TYPE_CHECKING:
     from collections.abc import Iterator, Sequence
@@ -555,13 +556,21 @@ class ClassSampler(_LabelledSampler):
         if len(order) == 0:  # drop_last dropped every row
             return
         pieces, ptr = self._streams(chunks, class_rows)
-        worker_rng = self._stream_rng(_WORKER_STREAM, self._worker_id)
+        # each load's pieces sorted by row (stable, as a per-load argsort would) and joined, at once
+        piece_load = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
+        by_row = np.lexsort((pieces[0], piece_load))
+        run_starts, run_stops, run_ptr = _group_runs(pieces[0, by_row], pieces[1, by_row], ptr)
+        mine = order[self._worker_id :: self._num_workers].tolist()
+        load_rows = load_size.tolist()
+        permute = _Permuter(self._stream_rng(_WORKER_STREAM, self._worker_id)) if self._shuffle else None
         bs = self._batch_size
-        for load in order[self._worker_id :: self._num_workers]:
-            lo, hi = int(ptr[load]), int(ptr[load + 1])
-            by_row = np.argsort(pieces[0, lo:hi], kind="stable")
-            starts, stops = pieces[:, lo:hi][:, by_row]
-            n = int(load_size[load])
-            rows = worker_rng.permutation(n) if self._shuffle else np.arange(n, dtype=np.int64)
-            splits = [rows[i : i + bs] for i in range(0, n, bs)]
-            yield {"requests": _merge_runs(starts, stops), "splits": splits}
+        try:
+            for load in mine:
+                n = load_rows[load]
+                rows = np.arange(n, dtype=np.int64) if permute is None else permute(n)
+                splits = [rows[i : i + bs] for i in range(0, n, bs)]
+                requests = _group_slices(run_starts, run_stops, run_ptr[load], run_ptr[load + 1])
+                yield {"requests": requests, "splits": splits}
+        finally:
+            if permute is not None:
+                permute.sync()
